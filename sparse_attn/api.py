@@ -1,0 +1,159 @@
+"""The functional API: plan (pattern -> format) and run (format -> attention) with backend dispatch."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .block_layout import BlockLayout
+from .config import SparseAttentionConfig
+from .env import BACKENDS, read_settings
+from .errors import BackendError, LayoutError, ShapeError
+from .fallback import GLOBAL_FALLBACKS
+from .kernels import block_sparse_attention_torch, token_sparse_attention_torch
+from .methods import Dense, StaticMethod
+from .planning import plan_heads, resolve_layer
+from .token_selection import TokenSelection
+from .validation import AttnShape, check_qkv, check_scale, resolve_lengths
+
+logger = logging.getLogger("sparse_attn")
+_logged_choices: set[tuple[str, str]] = set()
+
+Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def select_backend(backend: str, device: torch.device) -> str:
+    """The kernel family for this call: "torch" (any device) for now; logged once per choice."""
+    if backend not in BACKENDS:
+        raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    choice = read_settings().backend if backend == "auto" else backend
+    if choice == "auto":
+        choice = "torch"
+    key = (choice, device.type)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        logger.info("sparse_attn: using the %s backend for %s tensors", choice, device.type)
+    return choice
+
+
+def _finish(out: torch.Tensor, lse: torch.Tensor, return_lse: bool) -> Result:
+    return (out, lse) if return_lse else out
+
+
+def _dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: AttnShape,
+    q_lens: torch.Tensor,
+    kv_lens: torch.Tensor,
+    causal: bool,
+    scale: float,
+    return_lse: bool,
+) -> Result:
+    uniform = bool((q_lens == shape.q_len).all()) and bool((kv_lens == shape.kv_len).all())
+    aligned = not causal or shape.q_len in (1, shape.kv_len)
+    if uniform and aligned and not return_lse and shape.q_len and shape.kv_len:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and shape.q_len > 1, scale=scale, enable_gqa=shape.group > 1
+        )
+    layout = Dense().plan(q_lens, kv_lens, shape.num_heads, shape.num_kv_heads, causal=causal)
+    return _finish(*block_sparse_attention_torch(q, k, v, layout, scale), return_lse)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    method: StaticMethod | SparseAttentionConfig | None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+    q_lens: object = None,
+    kv_lens: object = None,
+    layer_idx: int = 0,
+    backend: str = "auto",
+) -> Result:
+    """Sparse attention of q [B, Hq, Sq, D] over k, v [B, Hkv, Skv, D] with a pattern.
+
+    ``method`` is a method config, a SparseAttentionConfig (resolved for ``layer_idx``) or None (dense).
+    Causal alignment is bottom-right: query i of row b sits at position kv_lens[b] - q_lens[b] + i.
+    Returns out [B, Hq, Sq, Dv] in q's dtype, and lse [B, Hq, Sq] when ``return_lse``. This plans on
+    every call; to reuse a plan, call ``method.plan(...)`` once and ``block_sparse_attention`` many times.
+    """
+    shape = check_qkv(q, k, v)
+    sc = check_scale(scale, shape.head_dim)
+    ql, kvl = resolve_lengths(shape, q_lens, kv_lens, causal)
+    select_backend(backend, q.device)
+    methods = resolve_layer(method, layer_idx, shape.num_heads)
+    if isinstance(method, SparseAttentionConfig) and shape.batch and int(kvl.max()) < method.min_seq_len:
+        GLOBAL_FALLBACKS.record("min_seq_len", strict=method.strict)
+        methods = [None] * shape.num_heads
+    layout = plan_heads(methods, ql, kvl, shape.num_kv_heads, causal)
+    if layout is None:
+        return _dense(q, k, v, shape, ql, kvl, causal, sc, return_lse)
+    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc), return_lse)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Result:
+    """Run attention over a planned BlockLayout (it carries causal, q_lens and kv_lens).
+
+    q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D]; the layout's heads are 1, Hkv or Hq. Returns out
+    [B, Hq, Sq, Dv] (and lse [B, Hq, Sq])."""
+    shape = check_qkv(q, k, v)
+    sc = check_scale(scale, shape.head_dim)
+    if not isinstance(layout, BlockLayout):
+        raise LayoutError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    layout.validate()
+    layout.check_fits(shape.batch, shape.q_len, shape.kv_len, shape.num_heads, shape.num_kv_heads)
+    select_backend(backend, q.device)
+    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc), return_lse)
+
+
+def token_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: TokenSelection,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    causal: bool = True,
+    q_lens: object = None,
+    kv_lens: object = None,
+    backend: str = "auto",
+) -> Result:
+    """Decode attention over a TokenSelection: each query attends to its head's selected keys.
+
+    q [B, Hq, Sq, D] (Sq small: decode or speculative steps), k/v [B, Hkv, Skv, D]. Selected keys at
+    positions after the query are dropped when causal. Combine with a dense part via merge_attention.
+    """
+    shape = check_qkv(q, k, v)
+    sc = check_scale(scale, shape.head_dim)
+    ql, kvl = resolve_lengths(shape, q_lens, kv_lens, causal)
+    if not isinstance(selection, TokenSelection):
+        raise LayoutError(f"selection must be a TokenSelection, got {type(selection).__name__}")
+    selection.validate(kvl)
+    if selection.batch_size != shape.batch:
+        raise ShapeError(f"selection has batch {selection.batch_size}, q has {shape.batch}")
+    if selection.num_heads not in (1, shape.num_kv_heads, shape.num_heads):
+        raise ShapeError(
+            f"selection has {selection.num_heads} heads; expected 1, num_kv_heads={shape.num_kv_heads} "
+            f"or num_heads={shape.num_heads}"
+        )
+    if selection.indices.device != q.device and selection.indices.device.type != "cpu":
+        raise LayoutError(f"selection is on {selection.indices.device}, q on {q.device}")
+    select_backend(backend, q.device)
+    return _finish(*token_sparse_attention_torch(q, k, v, selection, sc, causal, ql, kvl), return_lse)

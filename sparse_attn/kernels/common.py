@@ -1,0 +1,68 @@
+"""Pieces shared by the torch kernels: head grouping and the masked softmax-times-V step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ShapeError
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class HeadUnits:
+    """How query heads group into units that share one K/V gather and one pattern row.
+
+    A unit is one KV head with the ``group_size`` query heads that read it and share one row of the
+    pattern (pattern heads 1 or Hkv), or a single query head (pattern heads Hq with GQA).
+    """
+
+    kv_head: torch.Tensor  # [U]
+    q_heads: torch.Tensor  # [U, group_size]
+    pattern_row: torch.Tensor  # [U]
+
+    @property
+    def num_units(self) -> int:
+        return int(self.kv_head.shape[0])
+
+    @property
+    def group_size(self) -> int:
+        return int(self.q_heads.shape[1])
+
+
+def head_units(num_heads: int, num_kv_heads: int, pattern_heads: int) -> HeadUnits:
+    group = num_heads // num_kv_heads
+    if pattern_heads == num_heads and group > 1:
+        q = torch.arange(num_heads)
+        return HeadUnits(q // group, q[:, None], q)
+    if pattern_heads in (1, num_kv_heads):
+        kv = torch.arange(num_kv_heads)
+        q = kv[:, None] * group + torch.arange(group)
+        return HeadUnits(kv, q, kv if pattern_heads == num_kv_heads else torch.zeros_like(kv))
+    raise ShapeError(
+        f"pattern has {pattern_heads} heads; expected 1, num_kv_heads={num_kv_heads} or num_heads={num_heads}"
+    )
+
+
+def masked_softmax_av(
+    scores: torch.Tensor, allowed: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scores masked by allowed) @ values, in place on scores.
+
+    scores [..., R, M] (accumulation dtype), allowed bool broadcastable to it, values [..., M, Dv].
+    Returns out [..., R, Dv] and lse [..., R]; rows with nothing allowed give 0 and -inf. NaN in an
+    allowed score propagates to its row.
+    """
+    scores.masked_fill_(~allowed, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    scores.sub_(m).exp_()
+    denom = scores.sum(dim=-1)
+    out = torch.matmul(scores, values)
+    out.div_(torch.where(denom > 0, denom, torch.ones_like(denom))[..., None])
+    lse = m.squeeze(-1) + torch.log(denom)
+    return out, lse

@@ -1,0 +1,33 @@
+"""The pattern library: one module per method, all compiling to the shared sparse formats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .base import StaticMethod
+from .block_sparse import BlockSparse
+from .dense import Dense
+from .moa import MoA
+from .s2 import S2
+from .sink_local import SinkLocal
+
+METHODS: dict[str, type[StaticMethod]] = {cls.name: cls for cls in (Dense, SinkLocal, S2, MoA, BlockSparse)}
+
+
+def method_from_dict(data: dict[str, Any]) -> StaticMethod:
+    """Rebuild a method from ``to_dict()`` output; ConfigError for unknown names or parameters."""
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"a method entry must be an object with a 'method' key, got {data!r}")
+    params = dict(data)
+    name = params.pop("method")
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    try:
+        return cls.from_dict(params)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters for method {name!r}: {exc}") from exc
+
+
+__all__ = ["METHODS", "BlockSparse", "Dense", "MoA", "S2", "SinkLocal", "StaticMethod", "method_from_dict"]
