@@ -60,7 +60,7 @@ def _dense(
             q, k, v, is_causal=causal and shape.q_len > 1, scale=scale, enable_gqa=shape.group > 1
         )
     layout = Dense().plan(q_lens, kv_lens, shape.num_heads, shape.num_kv_heads, causal=causal)
-    return _finish(*block_sparse_attention_torch(q, k, v, layout, scale), return_lse)
+    return _finish(*block_sparse_attention_torch(q, k, v, layout, scale, need_lse=return_lse), return_lse)
 
 
 def sparse_attention(
@@ -95,7 +95,7 @@ def sparse_attention(
     layout = plan_heads(methods, ql, kvl, shape.num_kv_heads, causal)
     if layout is None:
         return _dense(q, k, v, shape, ql, kvl, causal, sc, return_lse)
-    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc), return_lse)
+    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc, need_lse=return_lse), return_lse)
 
 
 def block_sparse_attention(
@@ -119,7 +119,7 @@ def block_sparse_attention(
     layout.validate()
     layout.check_fits(shape.batch, shape.q_len, shape.kv_len, shape.num_heads, shape.num_kv_heads)
     select_backend(backend, q.device)
-    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc), return_lse)
+    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc, need_lse=return_lse), return_lse)
 
 
 def token_sparse_attention(

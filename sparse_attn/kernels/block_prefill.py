@@ -2,99 +2,131 @@
 
 Per batch row, query tiles are processed in chunks: the selected key blocks of every tile are
 gathered (never the whole key range), the query heads of a GQA group are stacked so each K/V block is
-gathered once per KV head, and scores exist only for the chunk: memory stays O(selected keys).
+gathered once per KV head, and scores exist only for the chunk: memory stays O(selected keys). The
+element predicate is evaluated only inside partial blocks; full blocks need no mask.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..block_layout import BlockLayout, TileGeometry, element_allowed
-from .common import HeadUnits, accum_dtype, head_units, masked_softmax_av
+from ..block_layout import BlockLayout, element_allowed
+from .common import HeadUnits, accum_dtype, head_units, softmax_av
 
 # Upper bound on the scratch (scores + gathered K/V) of one chunk of tiles, in bytes.
 CHUNK_BYTES = 48 * 2**20
 
 
-def _chunks(counts: torch.Tensor, units: int, rows: int, block_k: int, head_dim: int, elem: int):
-    """Split tiles [0, nt) into chunks whose scratch fits CHUNK_BYTES; yields (t0, t1, max count)."""
-    per_block = units * block_k * (rows + 2 * head_dim) * elem
+def _chunks(counts: torch.Tensor, per_block: int):
+    """Split tiles into chunks whose scratch fits CHUNK_BYTES; yields (t0, t1, max count in chunk)."""
     tile_max = counts.amax(dim=0).tolist()  # [nt]
     t0, mk = 0, 0
     for t, c in enumerate(tile_max):
-        new_mk = max(mk, c)
-        if t > t0 and (t + 1 - t0) * new_mk * per_block > CHUNK_BYTES:
+        grown = max(mk, c)
+        if t > t0 and (t + 1 - t0) * grown * per_block > CHUNK_BYTES:
             yield t0, t, mk
-            t0, new_mk = t, c
-        mk = new_mk
+            t0, grown = t, c
+        mk = grown
     if t0 < len(tile_max):
         yield t0, len(tile_max), mk
 
 
+def _blocked(
+    layout: BlockLayout,
+    b: int,
+    lrow: torch.Tensor,
+    t0: int,
+    t1: int,
+    mk: int,
+    blk: torch.Tensor,  # [U, T, mk] key block indices
+    used: torch.Tensor,  # [U, T, mk]
+    col_ok: torch.Tensor,  # [U, T, M]
+    pos: torch.Tensor,  # [nt, bq] absolute query positions
+    kv_len: int,
+    sink: torch.Tensor | None,
+    window: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """bool [U, T, bq, M]: True where a gathered key must be masked; None when nothing is masked.
+
+    Full blocks need nothing; the element predicate is evaluated only inside partial blocks."""
+    bk = layout.block_k
+    partial = (used & ~layout.full[b, lrow, t0:t1, :mk].to(used.device)).nonzero().unbind(1)  # (u, t, slot)
+    if not partial[0].numel() and bool(col_ok.all()):
+        return None
+    n_units, n_t = used.shape[:2]
+    blocked = (~col_ok)[:, :, None, :].repeat(1, 1, layout.block_q, 1)  # [U, T, bq, M]
+    if partial[0].numel():
+        u, t, s = partial
+        p = pos[t0 + t][:, :, None]  # [n, bq, 1]
+        j = (blk[u, t, s][:, None] * bk + torch.arange(bk, device=blk.device))[:, None, :]  # [n, 1, bk]
+        pred = element_allowed(
+            p,
+            j,
+            kv_len,
+            layout.causal,
+            None if sink is None else sink[u][:, None, None],
+            None if window is None else window[u][:, None, None],
+        )
+        blocked.view(n_units, n_t, layout.block_q, mk, bk)[u, t, :, s] = ~pred
+    return blocked
+
+
 def _row_attention(
-    qb: torch.Tensor,  # [Hq, Sq, D] one batch row
-    kb: torch.Tensor,  # [Hkv, Skv, D]
-    vb: torch.Tensor,  # [Hkv, Skv, Dv]
+    q_u: torch.Tensor,  # [U, gq, Sq, D] one batch row, query heads grouped by unit
+    k_u: torch.Tensor,  # [U * Skv, D] keys of each unit's KV head, flattened
+    v_u: torch.Tensor,  # [U * Skv, Dv]
     layout: BlockLayout,
     b: int,
     units: HeadUnits,
     scale: float,
-    out: torch.Tensor,  # [Hq, Sq, Dv] written in place
-    lse_out: torch.Tensor,  # [Hq, Sq]
+    out: torch.Tensor,  # [U, gq, Sq, Dv] written in place
+    lse_out: torch.Tensor | None,  # [U, gq, Sq]
 ) -> None:
-    geo: TileGeometry = layout.geometry(b)
+    geo = layout.geometry(b)
     nt = geo.num_tiles
     if nt == 0:
         return
-    dev = qb.device
-    acc = accum_dtype(qb.dtype)
+    dev = q_u.device
+    acc = accum_dtype(q_u.dtype)
     bq, bk = layout.block_q, layout.block_k
-    gq, n_units = units.group_size, units.num_units
+    n_units, gq = units.num_units, units.group_size
+    rows = gq * bq
+    skv = k_u.shape[0] // n_units
     pos = geo.tile_positions().to(dev)  # [nt, bq] absolute query positions
-    row = pos - geo.q_start
-    row_ok = (row >= 0) & (row < geo.q_len)
-    row_c = row.clamp(0, max(geo.q_len - 1, 0))
-    prow = pos.repeat(1, gq)  # [nt, gq*bq], matching the stacked group heads
     lrow = units.pattern_row.to(dev)
     counts = layout.kv_counts[b, lrow, :nt].to(dev, torch.int64)  # [U, nt]
     sink, window = layout.head_constraints(b)
     if window is not None:
-        sink = sink.to(dev)[lrow][:, None, None, None]
-        window = window.to(dev)[lrow][:, None, None, None]
-    kv_u = units.kv_head.to(dev)
-    k_u, v_u = kb[kv_u], vb[kv_u]  # [U, Skv, D]
-    unit_ix = torch.arange(n_units, device=dev)[:, None, None]
-    q_heads = units.q_heads.to(dev)[:, :, None, None]  # [U, gq, 1, 1]
+        sink, window = sink.to(dev)[lrow], window.to(dev)[lrow]
+    unit_base = (torch.arange(n_units, device=dev) * skv)[:, None, None]
     elem = torch.finfo(acc).bits // 8
-    for t0, t1, mk in _chunks(counts.cpu(), n_units, gq * bq, bk, qb.shape[-1], elem):
+    per_block = n_units * bk * (rows + k_u.shape[-1] + v_u.shape[-1]) * elem
+    for t0, t1, mk in _chunks(counts.cpu(), per_block):
+        n_t = t1 - t0
+        r_lo = (geo.first_q_block + t0) * bq - geo.q_start  # query row of the chunk's first slot
+        r0, r1 = max(r_lo, 0), min(r_lo + n_t * bq, geo.q_len)
         if mk == 0:
             continue
         blk = layout.kv_indices[b, lrow, t0:t1, :mk].to(dev, torch.int64)  # [U, T, mk]
         used = torch.arange(mk, device=dev) < counts[:, t0:t1, None]  # [U, T, mk]
-        keys = (blk[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [U, T, mk*bk]
+        keys = (blk[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [U, T, M]
         col_ok = used.repeat_interleave(bk, dim=-1) & (keys < geo.kv_len)
-        keys_c = torch.where(col_ok, keys, torch.zeros_like(keys))
-        k_sel = k_u[unit_ix, keys_c].to(acc)  # [U, T, M, D]
-        v_sel = v_u[unit_ix, keys_c].to(acc)  # [U, T, M, Dv]
-        q_sel = qb[q_heads, row_c[t0:t1][None, None]].to(acc)  # [U, gq, T, bq, D]
-        q_sel = q_sel.transpose(1, 2).flatten(2, 3)  # [U, T, gq*bq, D]
-        scores = torch.matmul(q_sel, k_sel.transpose(-1, -2)).mul_(scale)  # [U, T, gq*bq, M]
-        full = layout.full[b, lrow, t0:t1, :mk].to(dev).repeat_interleave(bk, dim=-1)  # [U, T, M]
-        if bool(full[col_ok].all()):  # full blocks need no element mask
-            allowed = col_ok[:, :, None, :]
-        else:
-            pred = element_allowed(
-                prow[None, t0:t1, :, None], keys[:, :, None, :], geo.kv_len, layout.causal, sink, window
-            )
-            allowed = col_ok[:, :, None, :] & (full[:, :, None, :] | pred)
-        o, lse = masked_softmax_av(scores, allowed, v_sel)  # [U, T, gq*bq, Dv], [U, T, gq*bq]
-        o = o.unflatten(2, (gq, bq)).transpose(1, 2)  # [U, gq, T, bq, Dv]
-        lse = lse.unflatten(2, (gq, bq)).transpose(1, 2)
-        ok = row_ok[t0:t1][None, None].expand(n_units, gq, -1, -1)
-        heads = q_heads.expand(-1, -1, t1 - t0, bq)[ok]
-        rows = row[t0:t1][None, None].expand(n_units, gq, -1, -1)[ok]
-        out.index_put_((heads, rows), o[ok].to(out.dtype))
-        lse_out.index_put_((heads, rows), lse[ok].to(lse_out.dtype))
+        flat = torch.where(col_ok, keys, 0) + unit_base  # rows of k_u / v_u
+        k_sel = k_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, k_u.shape[-1]).to(acc)
+        v_sel = v_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, v_u.shape[-1]).to(acc)
+        q_c = F.pad(q_u[:, :, r0:r1], (0, 0, r0 - r_lo, r_lo + n_t * bq - r1))  # [U, gq, T*bq, D]
+        q_c = q_c.view(n_units, gq, n_t, bq, -1).transpose(1, 2).reshape(n_units * n_t, rows, -1).to(acc) * scale
+        scores = torch.bmm(q_c, k_sel.transpose(1, 2))  # [U*T, gq*bq, M]
+        blocked = _blocked(layout, b, lrow, t0, t1, mk, blk, used, col_ok, pos, geo.kv_len, sink, window)
+        if blocked is not None:  # one mask row per query position, shared by the GQA group
+            scores.view(n_units, n_t, gq, bq, -1).masked_fill_(blocked[:, :, None], float("-inf"))
+        o, lse = softmax_av(scores.view(n_units * n_t, rows, -1), v_sel, need_lse=lse_out is not None)
+        o = o.view(n_units, n_t, gq, bq, -1).transpose(1, 2).reshape(n_units, gq, n_t * bq, -1)
+        out[:, :, r0:r1] = o[:, :, r0 - r_lo : r1 - r_lo].to(out.dtype)
+        if lse_out is not None:
+            lse = lse.view(n_units, n_t, gq, bq).transpose(1, 2).reshape(n_units, gq, n_t * bq)
+            lse_out[:, :, r0:r1] = lse[:, :, r0 - r_lo : r1 - r_lo]
 
 
 def block_sparse_attention_torch(
@@ -103,13 +135,29 @@ def block_sparse_attention_torch(
     v: torch.Tensor,  # [B, Hkv, Skv, Dv]
     layout: BlockLayout,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over the layout's blocks. Returns out [B, Hq, Sq, Dv] (q.dtype) and lse [B, Hq, Sq]
-    (float32, float64 for float64 inputs). Rows outside q_lens are 0 with lse -inf."""
+    (float32, float64 for float64 inputs) or None; rows outside q_lens are 0 with lse -inf."""
     b, hq, sq, _ = q.shape
     units = head_units(hq, k.shape[1], layout.num_heads)
+    n_units, gq = units.num_units, units.group_size
+    # Unit u holds query heads u*gq .. u*gq+gq-1 in both groupings, so views replace gathers.
     out = torch.zeros(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.full((b, hq, sq), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
+    lse = torch.full((b, hq, sq), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device) if need_lse else None
+    kv_head = units.kv_head.to(q.device)
     for row in range(b):
-        _row_attention(q[row], k[row], v[row], layout, row, units, scale, out[row], lse[row])
+        k_u = k[row].index_select(0, kv_head).reshape(-1, k.shape[-1])
+        v_u = v[row].index_select(0, kv_head).reshape(-1, v.shape[-1])
+        _row_attention(
+            q[row].view(n_units, gq, sq, -1) if q[row].is_contiguous() else q[row].reshape(n_units, gq, sq, -1),
+            k_u,
+            v_u,
+            layout,
+            row,
+            units,
+            scale,
+            out[row].view(n_units, gq, sq, -1),
+            None if lse is None else lse[row].view(n_units, gq, sq),
+        )
     return out, lse

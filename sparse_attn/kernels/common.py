@@ -48,21 +48,20 @@ def head_units(num_heads: int, num_kv_heads: int, pattern_heads: int) -> HeadUni
     )
 
 
-def masked_softmax_av(
-    scores: torch.Tensor, allowed: torch.Tensor, values: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scores masked by allowed) @ values, in place on scores.
+def softmax_av(scores: torch.Tensor, values: torch.Tensor, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(scores) @ values where masked scores are already -inf.
 
-    scores [..., R, M] (accumulation dtype), allowed bool broadcastable to it, values [..., M, Dv].
-    Returns out [..., R, Dv] and lse [..., R]; rows with nothing allowed give 0 and -inf. NaN in an
-    allowed score propagates to its row.
+    scores [..., R, M] (accumulation dtype), values [..., M, Dv]. Returns out [..., R, Dv] and lse
+    [..., R] (or None); rows with every score -inf give 0 and -inf. NaN in a score propagates.
+    One fused softmax pass plus two cheap max reductions: the row max m, and the lse recovered
+    exactly from the largest probability, exp(m - lse).
     """
-    scores.masked_fill_(~allowed, float("-inf"))
-    m = scores.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    scores.sub_(m).exp_()
-    denom = scores.sum(dim=-1)
-    out = torch.matmul(scores, values)
-    out.div_(torch.where(denom > 0, denom, torch.ones_like(denom))[..., None])
-    lse = m.squeeze(-1) + torch.log(denom)
-    return out, lse
+    m = scores.amax(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    empty = torch.isneginf(m)
+    out = torch.matmul(probs, values)
+    out.masked_fill_(empty[..., None], 0.0)
+    if not need_lse:
+        return out, None
+    lse = m - torch.log(probs.amax(dim=-1))
+    return out, lse.masked_fill_(empty, float("-inf"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..token_selection import TokenSelection
-from .common import accum_dtype, head_units, masked_softmax_av
+from .common import accum_dtype, head_units, softmax_av
 
 
 def token_sparse_attention_torch(
@@ -34,8 +34,8 @@ def token_sparse_attention_torch(
     kv_head = units.kv_head.to(dev)[None, :, None]
     k_sel = k[batch_ix, kv_head, idx_c].to(acc)  # [B, U, km, D]
     v_sel = v[batch_ix, kv_head, idx_c].to(acc)  # [B, U, km, Dv]
-    q_sel = q[:, units.q_heads.to(dev)].to(acc).flatten(2, 3)  # [B, U, gq*Sq, D]
-    scores = torch.matmul(q_sel, k_sel.transpose(-1, -2)).mul_(scale)  # [B, U, gq*Sq, km]
+    q_sel = q[:, units.q_heads.to(dev)].to(acc).flatten(2, 3) * scale  # [B, U, gq*Sq, D]
+    scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, U, gq*Sq, km]
     if selection.log_weights is not None:
         scores.add_(selection.log_weights[:, lrow].to(dev, acc)[:, :, None, :])
     i = torch.arange(sq, device=dev)
@@ -44,7 +44,8 @@ def token_sparse_attention_torch(
     if causal:
         pos = (kv_lens_d - q_lens_d)[:, None] + i[None, :]  # [B, Sq] absolute query positions
         allowed = allowed & (idx[:, :, None, :] <= pos.repeat(1, gq)[:, None, :, None])
-    out, lse = masked_softmax_av(scores, allowed, v_sel)  # [B, U, gq*Sq, Dv], [B, U, gq*Sq]
+    scores.masked_fill_(~allowed, float("-inf"))
+    out, lse = softmax_av(scores, v_sel, need_lse=True)  # [B, U, gq*Sq, Dv], [B, U, gq*Sq]
     out = out.unflatten(2, (gq, sq)).flatten(1, 2)  # [B, Hq, Sq, Dv] in unit order
     lse = lse.unflatten(2, (gq, sq)).flatten(1, 2)
     order = units.q_heads.flatten().to(dev)
