@@ -179,6 +179,11 @@ class BlockLayout:
         used = slot < counts[..., None]  # [B, H, nq, mk]
         for row in range(b):
             geo = self.geometry(row)
+            if geo.num_tiles > nq:
+                raise LayoutError(
+                    f"row {row} needs {geo.num_tiles} query tiles for q_len={geo.q_len}, kv_len={geo.kv_len} "
+                    f"and block_q={self.block_q}, but kv_indices has {nq}"
+                )
             if bool((counts[row, :, geo.num_tiles :] > 0).any()):
                 raise LayoutError(f"row {row} lists key blocks for query tiles beyond its {geo.num_tiles} tiles")
             u = used[row]

@@ -77,7 +77,7 @@ class TokenSelection:
         return out[..., :kv_len]
 
     def density(self, kv_lens: int | torch.Tensor) -> float:
-        """Mean over rows and heads of counts / kv_len."""
-        lens = torch.as_tensor(kv_lens, dtype=torch.float64).cpu().reshape(-1, 1)
-        ratio = self.counts.to("cpu", torch.float64) / lens.clamp(min=1)
-        return float(ratio.mean())
+        """Selected (row, head, key) pairs over all of them, like BlockLayout.density."""
+        lens = torch.as_tensor(kv_lens, dtype=torch.float64).cpu().reshape(-1).expand(self.batch_size)
+        total = float(lens.sum()) * self.num_heads
+        return float(self.counts.to("cpu", torch.float64).sum()) / total if total else 0.0

@@ -48,6 +48,16 @@ class BlockSparse(StaticMethod):
         if self.layout is None and self.mask_fn is None and not self.sink_blocks and not self.local_blocks:
             raise ConfigError("BlockSparse needs a layout, a mask_fn, sink_blocks or local_blocks")
 
+    def _key(self) -> tuple[object, ...]:
+        lay = None if self.layout is None else (tuple(self.layout.shape), self.layout.numpy().tobytes())
+        return (self.block_size, self.sink_blocks, self.local_blocks, self.mask_fn, lay)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockSparse) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def to_dict(self) -> dict[str, Any]:
         if self.mask_fn is not None:
             raise ConfigError("a BlockSparse with a mask_fn cannot be serialised; use an explicit layout")

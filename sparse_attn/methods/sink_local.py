@@ -26,7 +26,7 @@ class SinkLocal(StaticMethod):
 
     def __post_init__(self) -> None:
         check_nonnegative_int(self.sink_tokens, "sink_tokens")
-        check_positive_int(self.window_tokens, "window_tokens")
+        check_nonnegative_int(self.window_tokens, "window_tokens")
         check_positive_int(self.block_size, "block_size")
 
     def element_window(
