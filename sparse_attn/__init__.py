@@ -22,7 +22,7 @@ from .errors import (
 )
 from .fallback import fallback_counts, reset_fallback_counts
 from .merge import merge_attention
-from .methods import BlockSparse, Dense, MoA, S2, SinkLocal, StaticMethod
+from .methods import S2, BlockSparse, Dense, MoA, SinkLocal, StaticMethod
 from .token_selection import TokenSelection
 
 __version__ = "0.1.0"

@@ -185,7 +185,9 @@ class BlockLayout:
                     f"and block_q={self.block_q}, but kv_indices has {nq}"
                 )
             if bool((counts[row, :, geo.num_tiles :] > 0).any()):
-                raise LayoutError(f"row {row} lists key blocks for query tiles beyond its {geo.num_tiles} tiles")
+                raise LayoutError(
+                    f"row {row} lists key blocks for query tiles beyond its {geo.num_tiles} tiles"
+                )
             u = used[row]
             ix = idx[row]
             if bool(((ix < 0) | (ix >= geo.num_kv_blocks))[u].any()):
@@ -260,7 +262,9 @@ class BlockLayout:
             sink, window = self.head_constraints(b)
             for chunk in partial.split(4096):
                 hh, tt, kk = chunk.unbind(1)
-                p = (tt + geo.first_q_block)[:, None, None] * self.block_q + torch.arange(self.block_q)[:, None]
+                p = (tt + geo.first_q_block)[:, None, None] * self.block_q + torch.arange(self.block_q)[
+                    :, None
+                ]
                 j = kk[:, None, None] * self.block_k + torch.arange(self.block_k)[None, :]
                 rows_ok = (p >= geo.q_start) & (p < geo.kv_len)
                 pred = element_allowed(

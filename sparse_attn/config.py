@@ -19,7 +19,9 @@ Method = StaticMethod
 def _check_method(value: object, where: str) -> Method | None:
     if value is None or isinstance(value, StaticMethod):
         return value
-    raise ConfigError(f"{where} must be a method config (S2, SinkLocal, ...) or None for dense, got {value!r}")
+    raise ConfigError(
+        f"{where} must be a method config (S2, SinkLocal, ...) or None for dense, got {value!r}"
+    )
 
 
 def _check_index(value: object, where: str, limit: int | None) -> int:
@@ -57,7 +59,9 @@ class SparseAttentionConfig:
         if not isinstance(self.layers, Mapping):
             raise ConfigError(f"layers must be a mapping layer -> method, got {type(self.layers).__name__}")
         if not isinstance(self.heads, Mapping):
-            raise ConfigError(f"heads must be a mapping layer -> {{head: method}}, got {type(self.heads).__name__}")
+            raise ConfigError(
+                f"heads must be a mapping layer -> {{head: method}}, got {type(self.heads).__name__}"
+            )
         layers = {
             _check_index(k, "layers key", n): _check_method(m, f"layers[{k}]") for k, m in self.layers.items()
         }
@@ -71,7 +75,11 @@ class SparseAttentionConfig:
                 for h, m in per_head.items()
             }
         dense = tuple(_check_index(x, "dense_layers entry", n) for x in self.dense_layers)
-        if isinstance(self.min_seq_len, bool) or not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+        if (
+            isinstance(self.min_seq_len, bool)
+            or not isinstance(self.min_seq_len, int)
+            or self.min_seq_len < 0
+        ):
             raise ConfigError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
         if not isinstance(self.strict, bool):
             raise ConfigError(f"strict must be a bool, got {self.strict!r}")
@@ -96,7 +104,9 @@ class SparseAttentionConfig:
         _check_index(layer_idx, "layer_idx", self.num_layers)
         extra = [h for h in self.heads.get(layer_idx, {}) if h >= num_heads]
         if extra:
-            raise ConfigError(f"heads[{layer_idx}] names heads {extra}, but the layer has num_heads={num_heads}")
+            raise ConfigError(
+                f"heads[{layer_idx}] names heads {extra}, but the layer has num_heads={num_heads}"
+            )
         return [self.method_for(layer_idx, h) for h in range(num_heads)]
 
     # JSON ---------------------------------------------------------------------------------------------
@@ -122,7 +132,16 @@ class SparseAttentionConfig:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ConfigError(f"schema_version must be {SCHEMA_VERSION}, got {version!r}")
-        known = {"schema_version", "default", "layers", "heads", "dense_layers", "min_seq_len", "strict", "num_layers"}
+        known = {
+            "schema_version",
+            "default",
+            "layers",
+            "heads",
+            "dense_layers",
+            "min_seq_len",
+            "strict",
+            "num_layers",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; expected some of {sorted(known)}")

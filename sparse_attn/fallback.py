@@ -17,7 +17,9 @@ class FallbackCounter:
 
     def record(self, reason: str, *, strict: bool) -> None:
         if strict:
-            raise DenseFallbackError(f"sparse attention would fall back to dense ({reason}) and strict mode is on")
+            raise DenseFallbackError(
+                f"sparse attention would fall back to dense ({reason}) and strict mode is on"
+            )
         with self._lock:
             self._counts[reason] += 1
 

@@ -17,7 +17,9 @@ def merge_attention(
     or fp64).
     """
     if out_a.shape != out_b.shape:
-        raise ShapeError(f"out_a and out_b must have one shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}")
+        raise ShapeError(
+            f"out_a and out_b must have one shape, got {tuple(out_a.shape)} and {tuple(out_b.shape)}"
+        )
     if lse_a.shape != lse_b.shape or tuple(lse_a.shape) != tuple(out_a.shape[:-1]):
         raise ShapeError(
             f"lse_a and lse_b must have shape {tuple(out_a.shape[:-1])}, got {tuple(lse_a.shape)} and {tuple(lse_b.shape)}"

@@ -48,7 +48,9 @@ def plan_heads(
         raise ConfigError(f"methods mixed within one layer must share a block_size, got {sorted(sizes)}")
     dense = Dense(block_size=sizes.pop())
     resolved = [dense if m is None else m for m in methods]
-    plans = {m: m.plan(q_lens, kv_lens, num_heads, num_kv_heads, causal=causal) for m in dict.fromkeys(resolved)}
+    plans = {
+        m: m.plan(q_lens, kv_lens, num_heads, num_kv_heads, causal=causal) for m in dict.fromkeys(resolved)
+    }
     return _stitch(resolved, plans, num_heads, num_kv_heads)
 
 
@@ -78,5 +80,14 @@ def _stitch(
             sink[:, heads] = per_head(p.sink_tokens)  # type: ignore[index,arg-type]
             window[:, heads] = per_head(p.window_tokens)  # type: ignore[index]
     return BlockLayout(
-        indices, counts, full, first.block_q, first.block_k, first.q_lens, first.kv_lens, first.causal, sink, window
+        indices,
+        counts,
+        full,
+        first.block_q,
+        first.block_k,
+        first.q_lens,
+        first.kv_lens,
+        first.causal,
+        sink,
+        window,
     )

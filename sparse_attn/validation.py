@@ -33,7 +33,9 @@ def check_qkv(q: object, k: object, v: object) -> AttnShape:
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ShapeError(f"{name} must have 4 dims [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+            raise ShapeError(
+                f"{name} must have 4 dims [batch, heads, seq, head_dim], got shape {tuple(t.shape)}"
+            )
         if t.dtype not in FLOAT_DTYPES:
             raise DTypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
@@ -77,7 +79,9 @@ def as_lengths(value: object, name: str, batch: int, default: int, upper: int) -
             raise ShapeError(f"{name} must have {batch} entries (one per batch row), got {len(value)}")
         lens = torch.tensor(list(value), dtype=torch.int64)
     else:
-        raise DTypeError(f"{name} must be an int or a [batch] integer sequence/tensor, got {type(value).__name__}")
+        raise DTypeError(
+            f"{name} must be an int or a [batch] integer sequence/tensor, got {type(value).__name__}"
+        )
     if batch and (int(lens.min()) < 0 or int(lens.max()) > upper):
         raise ShapeError(f"{name} must lie in [0, {upper}], got {lens.tolist()}")
     return lens

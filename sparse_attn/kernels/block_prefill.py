@@ -116,7 +116,10 @@ def _row_attention(
         k_sel = k_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, k_u.shape[-1]).to(acc)
         v_sel = v_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, v_u.shape[-1]).to(acc)
         q_c = F.pad(q_u[:, :, r0:r1], (0, 0, r0 - r_lo, r_lo + n_t * bq - r1))  # [U, gq, T*bq, D]
-        q_c = q_c.view(n_units, gq, n_t, bq, -1).transpose(1, 2).reshape(n_units * n_t, rows, -1).to(acc) * scale
+        q_c = (
+            q_c.view(n_units, gq, n_t, bq, -1).transpose(1, 2).reshape(n_units * n_t, rows, -1).to(acc)
+            * scale
+        )
         scores = torch.bmm(q_c, k_sel.transpose(1, 2))  # [U*T, gq*bq, M]
         blocked = _blocked(layout, b, lrow, t0, t1, mk, blk, used, col_ok, pos, geo.kv_len, sink, window)
         if blocked is not None:  # one mask row per query position, shared by the GQA group
@@ -144,13 +147,19 @@ def block_sparse_attention_torch(
     n_units, gq = units.num_units, units.group_size
     # Unit u holds query heads u*gq .. u*gq+gq-1 in both groupings, so views replace gathers.
     out = torch.zeros(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.full((b, hq, sq), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device) if need_lse else None
+    lse = (
+        torch.full((b, hq, sq), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
+        if need_lse
+        else None
+    )
     kv_head = units.kv_head.to(q.device)
     for row in range(b):
         k_u = k[row].index_select(0, kv_head).reshape(-1, k.shape[-1])
         v_u = v[row].index_select(0, kv_head).reshape(-1, v.shape[-1])
         _row_attention(
-            q[row].view(n_units, gq, sq, -1) if q[row].is_contiguous() else q[row].reshape(n_units, gq, sq, -1),
+            q[row].view(n_units, gq, sq, -1)
+            if q[row].is_contiguous()
+            else q[row].reshape(n_units, gq, sq, -1),
             k_u,
             v_u,
             layout,

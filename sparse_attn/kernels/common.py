@@ -48,7 +48,9 @@ def head_units(num_heads: int, num_kv_heads: int, pattern_heads: int) -> HeadUni
     )
 
 
-def softmax_av(scores: torch.Tensor, values: torch.Tensor, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def softmax_av(
+    scores: torch.Tensor, values: torch.Tensor, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(scores) @ values where masked scores are already -inf.
 
     scores [..., R, M] (accumulation dtype), values [..., M, Dv]. Returns out [..., R, Dv] and lse

@@ -30,4 +30,4 @@ def method_from_dict(data: dict[str, Any]) -> StaticMethod:
         raise ConfigError(f"bad parameters for method {name!r}: {exc}") from exc
 
 
-__all__ = ["METHODS", "BlockSparse", "Dense", "MoA", "S2", "SinkLocal", "StaticMethod", "method_from_dict"]
+__all__ = ["METHODS", "S2", "BlockSparse", "Dense", "MoA", "SinkLocal", "StaticMethod", "method_from_dict"]

@@ -176,9 +176,7 @@ class StaticMethod:
     def _batch_dependent(self) -> bool:
         return False
 
-    def _window(
-        self, hq: int, hkv: int, kv_len: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _window(self, hq: int, hkv: int, kv_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         cons = self.element_window(num_heads=hq, num_kv_heads=hkv, kv_len=kv_len)
         if cons is None:
             return None, None

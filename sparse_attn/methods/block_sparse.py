@@ -111,7 +111,11 @@ class BlockSparse(StaticMethod):
                 )
             sub = lay[:, q_blocks][:, :, kv_blocks]
             if sub.shape[0] != h:
-                sub = sub.repeat_interleave(h // sub.shape[0], dim=0) if sub.shape[0] > 1 else sub.expand(h, -1, -1)
+                sub = (
+                    sub.repeat_interleave(h // sub.shape[0], dim=0)
+                    if sub.shape[0] > 1
+                    else sub.expand(h, -1, -1)
+                )
             vis |= sub
         if self.mask_fn is not None:
             res = self.mask_fn(

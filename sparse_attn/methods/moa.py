@@ -106,7 +106,9 @@ class MoA(StaticMethod):
                 "(a SparseAttentionConfig does this per layer)"
             )
         if len(self.alphas[0]) != num_heads:
-            raise ConfigError(f"MoA plan has {len(self.alphas[0])} heads, the layer has num_heads={num_heads}")
+            raise ConfigError(
+                f"MoA plan has {len(self.alphas[0])} heads, the layer has num_heads={num_heads}"
+            )
 
     def pattern_heads(self, num_heads: int, num_kv_heads: int) -> int:
         return num_heads
