@@ -145,7 +145,6 @@ def token_sparse_attention(
     ql, kvl = resolve_lengths(shape, q_lens, kv_lens, causal)
     if not isinstance(selection, TokenSelection):
         raise LayoutError(f"selection must be a TokenSelection, got {type(selection).__name__}")
-    selection.validate(kvl)
     if selection.batch_size != shape.batch:
         raise ShapeError(f"selection has batch {selection.batch_size}, q has {shape.batch}")
     if selection.num_heads not in (1, shape.num_kv_heads, shape.num_heads):
@@ -153,6 +152,7 @@ def token_sparse_attention(
             f"selection has {selection.num_heads} heads; expected 1, num_kv_heads={shape.num_kv_heads} "
             f"or num_heads={shape.num_heads}"
         )
+    selection.validate(kvl)
     if selection.indices.device != q.device and selection.indices.device.type != "cpu":
         raise LayoutError(f"selection is on {selection.indices.device}, q on {q.device}")
     select_backend(backend, q.device)

@@ -15,7 +15,7 @@ from ..block_layout import BlockLayout, element_allowed
 from .common import HeadUnits, accum_dtype, head_units, softmax_av
 
 # Upper bound on the scratch (scores + gathered K/V) of one chunk of tiles, in bytes.
-CHUNK_BYTES = 48 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def _chunks(counts: torch.Tensor, per_block: int):
