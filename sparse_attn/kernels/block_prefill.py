@@ -34,41 +34,32 @@ def _chunks(counts: torch.Tensor, per_block: int):
 
 def _blocked(
     layout: BlockLayout,
-    b: int,
-    lrow: torch.Tensor,
-    t0: int,
-    t1: int,
-    mk: int,
-    blk: torch.Tensor,  # [U, T, mk] key block indices
-    used: torch.Tensor,  # [U, T, mk]
-    col_ok: torch.Tensor,  # [U, T, M]
-    pos: torch.Tensor,  # [nt, bq] absolute query positions
+    blk: torch.Tensor,  # [U, T, P] key blocks of the masked prefix
+    used: torch.Tensor,  # [U, T, P]
+    full: torch.Tensor,  # [U, T, P]
+    tile_pos: torch.Tensor,  # [T, bq] absolute query positions
     kv_len: int,
-    sink: torch.Tensor | None,
-    window: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """bool [U, T, bq, M]: True where a gathered key must be masked; None when nothing is masked.
+    sink: torch.Tensor | None,  # [U]
+    window: torch.Tensor | None,  # [U]
+) -> torch.Tensor:
+    """bool [U, T, bq, P*bk]: True where a gathered key of the prefix must be masked.
 
-    Full blocks need nothing; the element predicate is evaluated only inside partial blocks."""
+    Unused slots are masked whole; the element predicate runs only inside partial blocks."""
     bk = layout.block_k
-    partial = (used & ~layout.full[b, lrow, t0:t1, :mk].to(used.device)).nonzero().unbind(1)  # (u, t, slot)
-    if not partial[0].numel() and bool(col_ok.all()):
-        return None
-    n_units, n_t = used.shape[:2]
-    blocked = (~col_ok)[:, :, None, :].repeat(1, 1, layout.block_q, 1)  # [U, T, bq, M]
-    if partial[0].numel():
-        u, t, s = partial
-        p = pos[t0 + t][:, :, None]  # [n, bq, 1]
-        j = (blk[u, t, s][:, None] * bk + torch.arange(bk, device=blk.device))[:, None, :]  # [n, 1, bk]
+    keys = blk[..., None] * bk + torch.arange(bk, device=blk.device)  # [U, T, P, bk]
+    blocked = (~used[..., None] | (keys >= kv_len)).flatten(-2)[:, :, None, :]
+    blocked = blocked.repeat(1, 1, layout.block_q, 1)  # [U, T, bq, P*bk]
+    u, t, s = (used & ~full).nonzero().unbind(1)
+    if u.numel():
         pred = element_allowed(
-            p,
-            j,
+            tile_pos[t][:, :, None],  # [n, bq, 1]
+            keys[u, t, s][:, None, :],  # [n, 1, bk]
             kv_len,
             layout.causal,
             None if sink is None else sink[u][:, None, None],
             None if window is None else window[u][:, None, None],
         )
-        blocked.view(n_units, n_t, layout.block_q, mk, bk)[u, t, :, s] = ~pred
+        blocked.view(*blocked.shape[:3], -1, bk)[u, t, :, s] = ~pred
     return blocked
 
 
@@ -110,9 +101,16 @@ def _row_attention(
             continue
         blk = layout.kv_indices[b, lrow, t0:t1, :mk].to(dev, torch.int64)  # [U, T, mk]
         used = torch.arange(mk, device=dev) < counts[:, t0:t1, None]  # [U, T, mk]
+        full = layout.full[b, lrow, t0:t1, :mk].to(dev) & used
+        clean = full & (blk * bk + bk <= geo.kv_len)  # slots that need no mask at all
+        # Softmax ignores key order: move the slots that need a mask to the front of each tile so the
+        # mask touches only a prefix of the scores.
+        n_mask = int((~clean).sum(-1).max())
+        if 0 < n_mask < mk:
+            order = torch.argsort(clean.to(torch.int8), dim=-1, stable=True)
+            blk, used, full = blk.gather(-1, order), used.gather(-1, order), full.gather(-1, order)
         keys = (blk[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [U, T, M]
-        col_ok = used.repeat_interleave(bk, dim=-1) & (keys < geo.kv_len)
-        flat = torch.where(col_ok, keys, 0) + unit_base  # rows of k_u / v_u
+        flat = torch.where(used.repeat_interleave(bk, dim=-1) & (keys < geo.kv_len), keys, 0) + unit_base
         k_sel = k_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, k_u.shape[-1]).to(acc)
         v_sel = v_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, v_u.shape[-1]).to(acc)
         q_c = F.pad(q_u[:, :, r0:r1], (0, 0, r0 - r_lo, r_lo + n_t * bq - r1))  # [U, gq, T*bq, D]
@@ -121,10 +119,23 @@ def _row_attention(
             * scale
         )
         scores = torch.bmm(q_c, k_sel.transpose(1, 2))  # [U*T, gq*bq, M]
-        blocked = _blocked(layout, b, lrow, t0, t1, mk, blk, used, col_ok, pos, geo.kv_len, sink, window)
-        if blocked is not None:  # one mask row per query position, shared by the GQA group
-            scores.view(n_units, n_t, gq, bq, -1).masked_fill_(blocked[:, :, None], float("-inf"))
-        o, lse = softmax_av(scores.view(n_units * n_t, rows, -1), v_sel, need_lse=lse_out is not None)
+        if n_mask:
+            p = slice(0, n_mask)
+            blocked = _blocked(
+                layout, blk[..., p], used[..., p], full[..., p], pos[t0:t1], geo.kv_len, sink, window
+            )
+            # one mask row per query position, shared by the GQA group
+            scores.view(n_units, n_t, gq, bq, -1)[..., : n_mask * bk].masked_fill_(
+                blocked[:, :, None], float("-inf")
+            )
+        # a query row can see nothing only in a tile without a single full block
+        may_be_empty = not bool(full.any(-1).all())
+        o, lse = softmax_av(
+            scores.view(n_units * n_t, rows, -1),
+            v_sel,
+            need_lse=lse_out is not None,
+            may_be_empty=may_be_empty,
+        )
         o = o.view(n_units, n_t, gq, bq, -1).transpose(1, 2).reshape(n_units, gq, n_t * bq, -1)
         out[:, :, r0:r1] = o[:, :, r0 - r_lo : r1 - r_lo].to(out.dtype)
         if lse_out is not None:

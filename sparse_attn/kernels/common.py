@@ -49,20 +49,23 @@ def head_units(num_heads: int, num_kv_heads: int, pattern_heads: int) -> HeadUni
 
 
 def softmax_av(
-    scores: torch.Tensor, values: torch.Tensor, need_lse: bool
+    scores: torch.Tensor, values: torch.Tensor, need_lse: bool, may_be_empty: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(scores) @ values where masked scores are already -inf.
 
     scores [..., R, M] (accumulation dtype), values [..., M, Dv]. Returns out [..., R, Dv] and lse
-    [..., R] (or None); rows with every score -inf give 0 and -inf. NaN in a score propagates.
-    One fused softmax pass plus two cheap max reductions: the row max m, and the lse recovered
-    exactly from the largest probability, exp(m - lse).
+    [..., R] (or None); rows with every score -inf give 0 and -inf (pass ``may_be_empty=False`` only
+    when every row is known to keep a key). NaN in a score propagates. One fused softmax pass; the
+    lse is recovered exactly from the row max m and the largest probability, exp(m - lse).
     """
-    m = scores.amax(dim=-1)
+    m = scores.amax(dim=-1) if (need_lse or may_be_empty) else None
     probs = torch.softmax(scores, dim=-1)
-    empty = torch.isneginf(m)
     out = torch.matmul(probs, values)
-    out.masked_fill_(empty[..., None], 0.0)
+    if m is None:
+        return out, None
+    empty = torch.isneginf(m)
+    if may_be_empty:
+        out.masked_fill_(empty[..., None], 0.0)
     if not need_lse:
         return out, None
     lse = m - torch.log(probs.amax(dim=-1))
