@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from ..block_layout import BlockLayout, element_allowed
-from .common import HeadUnits, accum_dtype, head_units, softmax_av
+from .common import accum_dtype, head_units, softmax_av
 
 # Upper bound on the scratch (scores + gathered K/V) of one chunk of tiles, in bytes.
 CHUNK_BYTES = 16 * 2**20
+# Units (KV heads, or query heads with per-head patterns) are processed together only while the
+# largest per-unit block count is within this factor of the mean: padding to the largest costs work.
+UNIT_SPREAD = 1.25
 
 
 def _chunks(counts: torch.Tensor, per_block: int):
@@ -37,22 +40,22 @@ def _blocked(
     blk: torch.Tensor,  # [U, T, P] key blocks of the masked prefix
     used: torch.Tensor,  # [U, T, P]
     full: torch.Tensor,  # [U, T, P]
-    tile_pos: torch.Tensor,  # [T, bq] absolute query positions
+    tile_pos: torch.Tensor,  # [T, R] absolute query positions of the computed rows
     kv_len: int,
     sink: torch.Tensor | None,  # [U]
     window: torch.Tensor | None,  # [U]
 ) -> torch.Tensor:
-    """bool [U, T, bq, P*bk]: True where a gathered key of the prefix must be masked.
+    """bool [U, T, R, P*bk]: True where a gathered key of the prefix must be masked.
 
     Unused slots are masked whole; the element predicate runs only inside partial blocks."""
     bk = layout.block_k
     keys = blk[..., None] * bk + torch.arange(bk, device=blk.device)  # [U, T, P, bk]
     blocked = (~used[..., None] | (keys >= kv_len)).flatten(-2)[:, :, None, :]
-    blocked = blocked.repeat(1, 1, layout.block_q, 1)  # [U, T, bq, P*bk]
+    blocked = blocked.repeat(1, 1, tile_pos.shape[1], 1)  # [U, T, R, P*bk]
     u, t, s = (used & ~full).nonzero().unbind(1)
     if u.numel():
         pred = element_allowed(
-            tile_pos[t][:, :, None],  # [n, bq, 1]
+            tile_pos[t][:, :, None],  # [n, R, 1]
             keys[u, t, s][:, None, :],  # [n, 1, bk]
             kv_len,
             layout.causal,
@@ -65,40 +68,40 @@ def _blocked(
 
 def _row_attention(
     q_u: torch.Tensor,  # [U, gq, Sq, D] one batch row, query heads grouped by unit
-    k_u: torch.Tensor,  # [U * Skv, D] keys of each unit's KV head, flattened
-    v_u: torch.Tensor,  # [U * Skv, Dv]
+    k_u: torch.Tensor,  # [U, Skv, D] keys of each unit's KV head
+    v_u: torch.Tensor,  # [U, Skv, Dv]
     layout: BlockLayout,
     b: int,
-    units: HeadUnits,
+    pattern_row: torch.Tensor,  # [U] layout head of each unit
     scale: float,
     out: torch.Tensor,  # [U, gq, Sq, Dv] written in place
     lse_out: torch.Tensor | None,  # [U, gq, Sq]
 ) -> None:
     geo = layout.geometry(b)
     nt = geo.num_tiles
-    if nt == 0:
-        return
     dev = q_u.device
     acc = accum_dtype(q_u.dtype)
     bq, bk = layout.block_q, layout.block_k
-    n_units, gq = units.num_units, units.group_size
-    rows = gq * bq
-    skv = k_u.shape[0] // n_units
+    n_units, gq, _, d = q_u.shape
+    dv = v_u.shape[-1]
     pos = geo.tile_positions().to(dev)  # [nt, bq] absolute query positions
-    lrow = units.pattern_row.to(dev)
+    lrow = pattern_row.to(dev)
     counts = layout.kv_counts[b, lrow, :nt].to(dev, torch.int64)  # [U, nt]
     sink, window = layout.head_constraints(b)
     if window is not None:
         sink, window = sink.to(dev)[lrow], window.to(dev)[lrow]
-    unit_base = (torch.arange(n_units, device=dev) * skv)[:, None, None]
-    elem = torch.finfo(acc).bits // 8
-    per_block = n_units * bk * (rows + k_u.shape[-1] + v_u.shape[-1]) * elem
+    unit_base = (torch.arange(n_units, device=dev) * k_u.shape[1])[:, None, None]
+    k_flat, v_flat = k_u.reshape(-1, d), v_u.reshape(-1, dv)
+    per_block = n_units * bk * (gq * bq + d + dv) * (torch.finfo(acc).bits // 8)
     for t0, t1, mk in _chunks(counts.cpu(), per_block):
         n_t = t1 - t0
         r_lo = (geo.first_q_block + t0) * bq - geo.q_start  # query row of the chunk's first slot
         r0, r1 = max(r_lo, 0), min(r_lo + n_t * bq, geo.q_len)
         if mk == 0:
             continue
+        # A lone tile computes only its real rows (decode: one row, not block_q).
+        lo, hi = (r0 - r_lo, r1 - r_lo) if n_t == 1 else (0, bq)
+        rt = hi - lo
         blk = layout.kv_indices[b, lrow, t0:t1, :mk].to(dev, torch.int64)  # [U, T, mk]
         used = torch.arange(mk, device=dev) < counts[:, t0:t1, None]  # [U, T, mk]
         full = layout.full[b, lrow, t0:t1, :mk].to(dev) & used
@@ -111,36 +114,43 @@ def _row_attention(
             blk, used, full = blk.gather(-1, order), used.gather(-1, order), full.gather(-1, order)
         keys = (blk[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [U, T, M]
         flat = torch.where(used.repeat_interleave(bk, dim=-1) & (keys < geo.kv_len), keys, 0) + unit_base
-        k_sel = k_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, k_u.shape[-1]).to(acc)
-        v_sel = v_u.index_select(0, flat.flatten()).view(n_units * n_t, -1, v_u.shape[-1]).to(acc)
-        q_c = F.pad(q_u[:, :, r0:r1], (0, 0, r0 - r_lo, r_lo + n_t * bq - r1))  # [U, gq, T*bq, D]
-        q_c = (
-            q_c.view(n_units, gq, n_t, bq, -1).transpose(1, 2).reshape(n_units * n_t, rows, -1).to(acc)
-            * scale
-        )
-        scores = torch.bmm(q_c, k_sel.transpose(1, 2))  # [U*T, gq*bq, M]
+        k_sel = k_flat.index_select(0, flat.flatten()).view(n_units * n_t, -1, d).to(acc)  # [U*T, M, D]
+        v_sel = v_flat.index_select(0, flat.flatten()).view(n_units * n_t, -1, dv).to(acc)
+        if n_t == 1:
+            q_c = q_u[:, :, r0:r1]  # [U, gq, rt, D]
+        else:
+            q_c = F.pad(q_u[:, :, r0:r1], (0, 0, r0 - r_lo, r_lo + n_t * bq - r1))  # [U, gq, T*bq, D]
+        q_c = q_c.reshape(n_units, gq, n_t, rt, d).transpose(1, 2).reshape(n_units * n_t, gq * rt, d)
+        scores = torch.bmm(q_c.to(acc) * scale, k_sel.transpose(1, 2))  # [U*T, gq*rt, M]
         if n_mask:
             p = slice(0, n_mask)
+            tile_pos = pos[t0:t1, lo:hi]
             blocked = _blocked(
-                layout, blk[..., p], used[..., p], full[..., p], pos[t0:t1], geo.kv_len, sink, window
+                layout, blk[..., p], used[..., p], full[..., p], tile_pos, geo.kv_len, sink, window
             )
             # one mask row per query position, shared by the GQA group
-            scores.view(n_units, n_t, gq, bq, -1)[..., : n_mask * bk].masked_fill_(
+            scores.view(n_units, n_t, gq, rt, -1)[..., : n_mask * bk].masked_fill_(
                 blocked[:, :, None], float("-inf")
             )
         # a query row can see nothing only in a tile without a single full block
         may_be_empty = not bool(full.any(-1).all())
-        o, lse = softmax_av(
-            scores.view(n_units * n_t, rows, -1),
-            v_sel,
-            need_lse=lse_out is not None,
-            may_be_empty=may_be_empty,
-        )
-        o = o.view(n_units, n_t, gq, bq, -1).transpose(1, 2).reshape(n_units, gq, n_t * bq, -1)
-        out[:, :, r0:r1] = o[:, :, r0 - r_lo : r1 - r_lo].to(out.dtype)
+        o, lse = softmax_av(scores, v_sel, need_lse=lse_out is not None, may_be_empty=may_be_empty)
+        base = r_lo + lo  # query row of the first computed slot
+        o = o.view(n_units, n_t, gq, rt, dv).transpose(1, 2).reshape(n_units, gq, n_t * rt, dv)
+        out[:, :, r0:r1] = o[:, :, r0 - base : r1 - base].to(out.dtype)
         if lse_out is not None:
-            lse = lse.view(n_units, n_t, gq, bq).transpose(1, 2).reshape(n_units, gq, n_t * bq)
-            lse_out[:, :, r0:r1] = lse[:, :, r0 - r_lo : r1 - r_lo]
+            lse = lse.view(n_units, n_t, gq, rt).transpose(1, 2).reshape(n_units, gq, n_t * rt)
+            lse_out[:, :, r0:r1] = lse[:, :, r0 - base : r1 - base]
+
+
+def _unit_groups(layout: BlockLayout, b: int, pattern_row: torch.Tensor) -> list[slice]:
+    """Contiguous unit ranges to process together: all units, or one at a time when their block
+    counts differ enough that padding every unit to the largest would waste work (MoA's spans)."""
+    n_units = int(pattern_row.shape[0])
+    per_unit = layout.kv_counts[b, pattern_row.cpu()].amax(dim=-1).double()  # [U]
+    if n_units == 1 or float(per_unit.max()) <= UNIT_SPREAD * float(per_unit.mean()):
+        return [slice(0, n_units)]
+    return [slice(u, u + 1) for u in range(n_units)]
 
 
 def block_sparse_attention_torch(
@@ -153,7 +163,7 @@ def block_sparse_attention_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over the layout's blocks. Returns out [B, Hq, Sq, Dv] (q.dtype) and lse [B, Hq, Sq]
     (float32, float64 for float64 inputs) or None; rows outside q_lens are 0 with lse -inf."""
-    b, hq, sq, _ = q.shape
+    b, hq, sq, d = q.shape
     units = head_units(hq, k.shape[1], layout.num_heads)
     n_units, gq = units.num_units, units.group_size
     # Unit u holds query heads u*gq .. u*gq+gq-1 in both groupings, so views replace gathers.
@@ -165,19 +175,22 @@ def block_sparse_attention_torch(
     )
     kv_head = units.kv_head.to(q.device)
     for row in range(b):
-        k_u = k[row].index_select(0, kv_head).reshape(-1, k.shape[-1])
-        v_u = v[row].index_select(0, kv_head).reshape(-1, v.shape[-1])
-        _row_attention(
-            q[row].view(n_units, gq, sq, -1)
-            if q[row].is_contiguous()
-            else q[row].reshape(n_units, gq, sq, -1),
-            k_u,
-            v_u,
-            layout,
-            row,
-            units,
-            scale,
-            out[row].view(n_units, gq, sq, -1),
-            None if lse is None else lse[row].view(n_units, gq, sq),
-        )
+        if layout.geometry(row).num_tiles == 0:
+            continue
+        q_u = q[row].reshape(n_units, gq, sq, d)
+        out_u = out[row].view(n_units, gq, sq, -1)
+        lse_u = None if lse is None else lse[row].view(n_units, gq, sq)
+        for g in _unit_groups(layout, row, units.pattern_row):
+            kv = kv_head[g]
+            _row_attention(
+                q_u[g],
+                k[row].index_select(0, kv),
+                v[row].index_select(0, kv),
+                layout,
+                row,
+                units.pattern_row[g],
+                scale,
+                out_u[g],
+                None if lse_u is None else lse_u[g],
+            )
     return out, lse

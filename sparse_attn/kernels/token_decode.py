@@ -29,11 +29,12 @@ def token_sparse_attention_torch(
     idx = selection.indices[:, lrow].to(dev, torch.int64)  # [B, U, km]
     kv_lens_d, q_lens_d = kv_lens.to(dev), q_lens.to(dev)
     used = selection.used()[:, lrow].to(dev) & (idx < kv_lens_d[:, None, None])
-    idx_c = torch.where(used, idx, torch.zeros_like(idx))
-    batch_ix = torch.arange(b, device=dev)[:, None, None]
-    kv_head = units.kv_head.to(dev)[None, :, None]
-    k_sel = k[batch_ix, kv_head, idx_c].to(acc)  # [B, U, km, D]
-    v_sel = v[batch_ix, kv_head, idx_c].to(acc)  # [B, U, km, Dv]
+    hkv, skv = k.shape[1], k.shape[2]
+    # rows of k/v flattened to [B*Hkv*Skv, D]: one index_select instead of a 3-index gather
+    base = (torch.arange(b, device=dev)[:, None] * hkv + units.kv_head.to(dev)[None, :]) * skv  # [B, U]
+    flat = (torch.where(used, idx, torch.zeros_like(idx)) + base[..., None]).flatten()
+    k_sel = k.reshape(-1, k.shape[-1]).index_select(0, flat).view(*idx.shape, -1).to(acc)  # [B, U, km, D]
+    v_sel = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(*idx.shape, -1).to(acc)  # [B, U, km, Dv]
     q_sel = q[:, units.q_heads.to(dev)].to(acc).flatten(2, 3) * scale  # [B, U, gq*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, U, gq*Sq, km]
     if selection.log_weights is not None:
