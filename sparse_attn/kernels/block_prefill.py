@@ -68,8 +68,9 @@ def _blocked(
 
 def _row_attention(
     q_u: torch.Tensor,  # [U, gq, Sq, D] one batch row, query heads grouped by unit
-    k_u: torch.Tensor,  # [U, Skv, D] keys of each unit's KV head
-    v_u: torch.Tensor,  # [U, Skv, Dv]
+    k_row: torch.Tensor,  # [Hkv, Skv, D] one batch row
+    v_row: torch.Tensor,  # [Hkv, Skv, Dv]
+    kv_head: torch.Tensor,  # [U] KV head of each unit
     layout: BlockLayout,
     b: int,
     pattern_row: torch.Tensor,  # [U] layout head of each unit
@@ -83,15 +84,16 @@ def _row_attention(
     acc = accum_dtype(q_u.dtype)
     bq, bk = layout.block_q, layout.block_k
     n_units, gq, _, d = q_u.shape
-    dv = v_u.shape[-1]
+    dv = v_row.shape[-1]
     pos = geo.tile_positions().to(dev)  # [nt, bq] absolute query positions
     lrow = pattern_row.to(dev)
     counts = layout.kv_counts[b, lrow, :nt].to(dev, torch.int64)  # [U, nt]
     sink, window = layout.head_constraints(b)
     if window is not None:
         sink, window = sink.to(dev)[lrow], window.to(dev)[lrow]
-    unit_base = (torch.arange(n_units, device=dev) * k_u.shape[1])[:, None, None]
-    k_flat, v_flat = k_u.reshape(-1, d), v_u.reshape(-1, dv)
+    # gather straight from the row's cache: flat row = kv_head * Skv + key (no per-unit copy)
+    unit_base = (kv_head.to(dev) * k_row.shape[1])[:, None, None]
+    k_flat, v_flat = k_row.reshape(-1, d), v_row.reshape(-1, dv)
     per_block = n_units * bk * (gq * bq + d + dv) * (torch.finfo(acc).bits // 8)
     for t0, t1, mk in _chunks(counts.cpu(), per_block):
         n_t = t1 - t0
@@ -181,11 +183,11 @@ def block_sparse_attention_torch(
         out_u = out[row].view(n_units, gq, sq, -1)
         lse_u = None if lse is None else lse[row].view(n_units, gq, sq)
         for g in _unit_groups(layout, row, units.pattern_row):
-            kv = kv_head[g]
             _row_attention(
                 q_u[g],
-                k[row].index_select(0, kv),
-                v[row].index_select(0, kv),
+                k[row],
+                v[row],
+                kv_head[g],
                 layout,
                 row,
                 units.pattern_row[g],
