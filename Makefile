@@ -29,8 +29,10 @@ $(TEST_STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e ".[test]"
 	@touch $@
 
-# pytest exits 5 when no test was collected, so an empty run fails too.
+# Lint first (the code must stay ruff-clean), then the suite. pytest exits 5 when no test was
+# collected, so an empty run fails too.
 test: install
+	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: $(DEMO_STAMP)

@@ -59,24 +59,51 @@ def build_parser() -> argparse.ArgumentParser:
         "throughput",
         help="CPU prefill/decode throughput: dense SDPA vs the static sparse patterns",
         description="Dense SDPA vs each static method (and FlexAttention) on CPU, prefill and decode. "
-                    "Prints a table and writes JSON (machine, versions, commit, goals).",
+        "Prints a table and writes JSON (machine, versions, commit, goals).",
     )
-    tp.add_argument("--quick", action="store_true",
-                    help="tiny sizes and one repeat, no FlexAttention (for tests and demos)")
-    tp.add_argument("--lengths", type=_length_list, default=None, metavar="4k,16k,32k",
-                    help="prefill lengths (default 4k,16k,32k; --quick: 512)")
-    tp.add_argument("--decode-lengths", type=_length_list, default=None, metavar="16k,32k,64k",
-                    help="decode KV-cache lengths (default 16k,32k,64k; --quick: 1k)")
-    tp.add_argument("--json", default=None, metavar="PATH",
-                    help="where to write the JSON (default bench/results/throughput-cpu-<date>.json)")
-    tp.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
-                    help="timed runs per case, at most (default 10, fewer once a case has used its "
-                         "time budget; --quick: 1)")
-    tp.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                    help="torch threads (default 2)")
-    tp.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
-                    help="also time torch.compile(flex_attention) with the same block mask "
-                         "(default: on, off with --quick)")
+    tp.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and one repeat, no FlexAttention (for tests and demos)",
+    )
+    tp.add_argument(
+        "--lengths",
+        type=_length_list,
+        default=None,
+        metavar="4k,16k,32k",
+        help="prefill lengths (default 4k,16k,32k; --quick: 512)",
+    )
+    tp.add_argument(
+        "--decode-lengths",
+        type=_length_list,
+        default=None,
+        metavar="16k,32k,64k",
+        help="decode KV-cache lengths (default 16k,32k,64k; --quick: 1k)",
+    )
+    tp.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="where to write the JSON (default bench/results/throughput-cpu-<date>.json)",
+    )
+    tp.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="timed runs per case, at most (default 10, fewer once a case has used its "
+        "time budget; --quick: 1)",
+    )
+    tp.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help="torch threads (default 2)"
+    )
+    tp.add_argument(
+        "--flex",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile(flex_attention) with the same block mask "
+        "(default: on, off with --quick)",
+    )
     tp.set_defaults(handler=_cmd_bench_throughput)
     return parser
 
@@ -113,8 +140,9 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     print(throughput.format_table(result))
     print(f"wrote {path}")
     if throughput.has_failures(result):
-        print("some methods failed their correctness check or errored: see the status column",
-              file=sys.stderr)
+        print(
+            "some methods failed their correctness check or errored: see the status column", file=sys.stderr
+        )
         return 1
     return 0
 

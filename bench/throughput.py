@@ -1,0 +1,995 @@
+"""CPU throughput benchmark: dense SDPA against the static sparse patterns (and FlexAttention).
+
+Shape: fp32, B=1, Hq=8, Hkv=2 (GQA group 4), D=64 — dense causal SDPA at 32k takes a few seconds
+per run on a 2-core CPU. Two modes:
+
+- prefill (Sq = Skv = N, causal) at 4k/16k/32k: dense ``scaled_dot_product_attention`` against
+  SinkLocal, S2, BlockSparse A-shape (each at ~5/10/25% density) and MoA (~10%); each method is
+  planned once outside the timing (``method.plan``; the plan time is reported separately) and the
+  run step ``block_sparse_attention(q, k, v, layout)`` is timed. FlexAttention
+  (``torch.compile(flex_attention)``) runs each method's ~10% layout through a BlockMask built from
+  the same layout, when it works on this machine.
+- decode (Sq = 1) at 16k/32k/64k cache: dense SDPA against SinkLocal and S2 selecting ~1/16 of the
+  cache (block layouts) and ``token_sparse_attention`` over a random TokenSelection of N/16 keys.
+
+Before any method is timed it must pass a correctness self-check on a small shape (its kernel
+output against the float64 dense reference with ``method.mask()``); a method that fails is reported
+with status ``failed-correctness`` and no time. Peak extra memory (RSS high-water mark above the
+resident set before the call, the output included) is measured during the first, untimed call.
+Speedups are against the dense baseline of the same mode and length in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import harness, memory
+
+SCHEMA_VERSION = 1
+BATCH, HQ, HKV, HEAD_DIM = 1, 8, 2, 64
+DTYPE = torch.float32
+BLOCK = 64
+
+DEFAULT_PREFILL_LENGTHS = (4096, 16384, 32768)
+DEFAULT_DECODE_LENGTHS = (16384, 32768, 65536)
+QUICK_PREFILL_LENGTHS = (512,)
+QUICK_DECODE_LENGTHS = (1024,)
+DEFAULT_REPEATS = 10
+PREFILL_DENSITIES = (0.05, 0.10, 0.25)
+DECODE_FRACTION = 1.0 / 16
+CASE_BUDGET_S = 4.0  # timed runs stop after this much time once MIN_REPEATS runs were made
+MIN_REPEATS = 3
+CHECK_PREFILL_LEN = 448  # small shapes of the correctness self-check
+CHECK_DECODE_LEN = 1024
+CHECK_SEED = 1234
+DATA_SEED = 0
+
+GOAL_PREFILL = {"length": 16384, "target_density": 0.10, "min_speedup": 5.0}
+GOAL_DECODE = {"length": 65536, "target_density": DECODE_FRACTION, "min_speedup": 8.0}
+GOAL_MEMORY = {"length": 32768, "max_ratio": 2.0}
+
+ROW_FIELDS = (
+    "op",
+    "method",
+    "params",
+    "mode",
+    "shape",
+    "density",
+    "time_ms",
+    "speedup_vs_dense",
+    "peak_extra_mem_bytes",
+    "status",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# cases: a recipe builds a method config for any length, so the self-check can use the same
+# recipe at a small length (a sparse pattern there too) as well as the benchmarked config itself.
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str  # method name in the rows
+    label: str  # short description for the table
+    target_density: float
+    build: Callable[[int], Any]  # kv length -> method config
+    flex: bool = False  # also run FlexAttention on this case's layout
+
+
+def _window_fraction(density: float) -> float:
+    """Fraction x of N for a causal band of width xN with the given density (d = 2x - x^2)."""
+    d = min(max(density, 0.0), 1.0)
+    return 1.0 - math.sqrt(1.0 - d)
+
+
+def _n_blocks(n: int) -> int:
+    return max(1, -(-n // BLOCK))
+
+
+def _prefill_cases() -> list[Case]:
+    import sparse_attn as sa
+
+    cases: list[Case] = []
+    for d in PREFILL_DENSITIES:
+        x = _window_fraction(d)
+        cases.append(
+            Case(
+                "sink_local",
+                f"~{d:.0%} sink=4 window={x:.4f}N",
+                d,
+                lambda n, x=x: sa.SinkLocal(
+                    sink_tokens=4, window_tokens=max(1, round(x * n)), block_size=BLOCK
+                ),
+                flex=d == 0.10,
+            )
+        )
+    for d, vs in zip(PREFILL_DENSITIES, (32, 16, 8)):
+        r = max(0.0, (d - 1.0 / vs) / (1.0 - 1.0 / vs))
+        xr = _window_fraction(r)
+        cases.append(
+            Case(
+                "s2",
+                f"~{d:.0%} vert_stride={vs}",
+                d,
+                lambda n, vs=vs, xr=xr: sa.S2(
+                    block_size=BLOCK, local_blocks=max(1, round(xr * _n_blocks(n) + 0.5)), vert_stride=vs
+                ),
+                flex=d == 0.10,
+            )
+        )
+    for d in PREFILL_DENSITIES:
+        x = _window_fraction(d)
+        cases.append(
+            Case(
+                "block_sparse",
+                f"~{d:.0%} A-shape sink_blocks=1",
+                d,
+                lambda n, x=x: sa.BlockSparse(
+                    block_size=BLOCK, sink_blocks=1, local_blocks=max(1, round(x * _n_blocks(n) + 0.5))
+                ),
+                flex=d == 0.10,
+            )
+        )
+    # MoA: one layer, per-head spans alpha + beta*N spread around the ~10% band (length-elastic:
+    # the same config at every length).
+    x = _window_fraction(0.10)
+    betas = tuple(round(x * (0.6 + 0.8 * h / (HQ - 1)), 5) for h in range(HQ))
+    alphas = tuple(64.0 for _ in range(HQ))
+    cases.append(
+        Case(
+            "moa",
+            "~10% per-head spans",
+            0.10,
+            lambda n: sa.MoA(
+                alphas=(alphas,), betas=(betas,), sink_tokens=64, min_span=64, block_size=BLOCK
+            ).for_layer(0),
+            flex=True,
+        )
+    )
+    return cases
+
+
+def _decode_cases() -> list[Case]:
+    import sparse_attn as sa
+
+    f = DECODE_FRACTION
+    return [
+        Case(
+            "sink_local",
+            "1/16 sink=4 window=N/16",
+            f,
+            lambda n: sa.SinkLocal(sink_tokens=4, window_tokens=max(1, round(n * f)), block_size=BLOCK),
+        ),
+        Case(
+            # selected blocks ~ L + (nb - L)/32 = nb/16  ->  L = nb/31
+            "s2",
+            "1/16 vert_stride=32 local=N/31",
+            f,
+            lambda n: sa.S2(block_size=BLOCK, local_blocks=max(1, round(_n_blocks(n) / 31)), vert_stride=32),
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _qkv(sq: int, skv: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(BATCH, HQ, sq, HEAD_DIM, generator=g, dtype=DTYPE)
+    k = torch.randn(BATCH, HKV, skv, HEAD_DIM, generator=g, dtype=DTYPE)
+    v = torch.randn(BATCH, HKV, skv, HEAD_DIM, generator=g, dtype=DTYPE)
+    return q, k, v
+
+
+def _shape(sq: int, skv: int) -> dict[str, Any]:
+    return {"B": BATCH, "Hq": HQ, "Hkv": HKV, "Sq": sq, "Skv": skv, "D": HEAD_DIM, "dtype": "float32"}
+
+
+def _short_error(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _finite(x: Any) -> Any:
+    """Make a value JSON-safe: non-finite floats become None (recursively)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _finite(x.tolist())
+    return x
+
+
+def _method_params(method: Any) -> dict[str, Any]:
+    try:
+        d = dict(method.to_dict())
+    except Exception:  # a method without to_dict still gets a row
+        d = (
+            {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+            if dataclasses.is_dataclass(method)
+            else {}
+        )
+    return _finite(d)
+
+
+def _compare(out: torch.Tensor, ref: torch.Tensor, base_err: float) -> tuple[bool, float, float]:
+    """(ok, max_abs_err, tol): tolerance relative to the fp32 error of the same masked computation."""
+    tol = max(16.0 * base_err, 1e-5)
+    diff = (out.double() - ref.double()).abs()
+    if torch.isnan(diff).any():
+        return False, float("nan"), tol
+    err = float(diff.max()) if diff.numel() else 0.0
+    return err <= tol, err, tol
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """float64 reference with ``mask`` [B or 1, Hq, Sq, Skv] and the fp32 error of masked SDPA."""
+    from sparse_attn.reference import reference_attention
+
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), mask)
+    group = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(group, dim=1)
+    vv = v.repeat_interleave(group, dim=1)
+    base = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+    base_err = float((base.double() - ref).abs().nan_to_num(0.0).max())
+    return ref, base_err
+
+
+def check_static(method: Any, sq: int, skv: int) -> dict[str, Any]:
+    """Self-check of a static method at a small shape: ``sparse_attention`` and the planned
+    ``block_sparse_attention`` against the float64 reference with ``method.mask()``."""
+    import sparse_attn as sa
+
+    q, k, v = _qkv(sq, skv, CHECK_SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mask = method.mask(sq, skv, HQ, HKV)
+        ref, base_err = _reference(q, k, v, mask.unsqueeze(0))
+        out_api = sa.sparse_attention(q, k, v, method)
+        layout = method.plan(sq, skv, HQ, HKV)
+        out_run = sa.block_sparse_attention(q, k, v, layout)
+    ok1, err1, tol = _compare(out_api, ref, base_err)
+    ok2, err2, _ = _compare(out_run, ref, base_err)
+    err = float("nan") if math.isnan(err1) or math.isnan(err2) else max(err1, err2)
+    return {
+        "ok": ok1 and ok2,
+        "shape": [sq, skv],
+        "params": _method_params(method),
+        "max_abs_err": err,
+        "tol": tol,
+    }
+
+
+def _random_selection(n: int, count: int, seed: int) -> Any:
+    import sparse_attn as sa
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n, generator=g)[:count].sort().values for _ in range(HKV)])
+    return sa.TokenSelection(
+        indices=idx.unsqueeze(0).to(torch.int64),
+        counts=torch.full((BATCH, HKV), count, dtype=torch.int64),
+        log_weights=None,
+    )
+
+
+def check_token(n: int, count: int) -> dict[str, Any]:
+    """Self-check of ``token_sparse_attention`` (one query at the end of an ``n`` cache)."""
+    import sparse_attn as sa
+
+    q, k, v = _qkv(1, n, CHECK_SEED)
+    sel = _random_selection(n, count, CHECK_SEED)
+    mask = sel.to_dense_mask(n)  # [B, Hkv, n]
+    mask = mask.repeat_interleave(HQ // mask.shape[1], dim=1) if mask.shape[1] != HQ else mask
+    ref, base_err = _reference(q, k, v, mask.unsqueeze(2))
+    out = sa.token_sparse_attention(q, k, v, sel)
+    ok, err, tol = _compare(out, ref, base_err)
+    return {"ok": ok, "shape": [1, n], "max_abs_err": err, "tol": tol}
+
+
+def _check_sdpa(sq: int, skv: int) -> dict[str, Any]:
+    q, k, v = _qkv(sq, skv, CHECK_SEED)
+    i = torch.arange(sq).unsqueeze(1) + (skv - sq)
+    mask = (torch.arange(skv).unsqueeze(0) <= i).expand(1, HQ, sq, skv)
+    ref, base_err = _reference(q, k, v, mask)
+    if sq == skv:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:  # a single query at the end sees every key; SDPA's is_causal is top-left aligned
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    ok, err, tol = _compare(out, ref, base_err)
+    return {"ok": ok, "shape": [sq, skv], "max_abs_err": err, "tol": tol}
+
+
+# ----------------------------------------------------------------------------------------------
+# FlexAttention over the same layout
+
+
+_COMPILED_FLEX: Any = None
+
+
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def _compiled_flex() -> Any:
+    """``torch.compile(flex_attention)``, called with dynamo settings that make a recompile-limit
+    hit raise instead of silently running flex eagerly (eager flex materialises the full
+    [B, H, Sq, Skv] score matrix). Every case (new BlockMask closure or length) recompiles, and
+    the default limit (8) is reached within one run."""
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        import torch._dynamo.config as dynamo_config
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        settings = {
+            name: value
+            for name, value in (
+                ("recompile_limit", FLEX_RECOMPILE_LIMIT),
+                ("cache_size_limit", FLEX_RECOMPILE_LIMIT),
+                ("fail_on_recompile_limit_hit", True),
+            )
+            if hasattr(dynamo_config, name)
+        }
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with dynamo_config.patch(**settings):
+                return compiled(*args, **kwargs)
+
+        _COMPILED_FLEX = call
+    return _COMPILED_FLEX
+
+
+def _pack_blocks(idx: torch.Tensor, sel: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pack the selected entries of ``idx`` (ascending) into [..., n_kv_blocks] int32."""
+    maxk = idx.shape[-1]
+    num = sel.sum(-1)
+    key = torch.where(sel, idx, idx + n_kv_blocks + 1)
+    order = key.argsort(dim=-1, stable=True)
+    packed = torch.gather(idx, -1, order)
+    packed = torch.where(torch.arange(maxk) < num.unsqueeze(-1), packed, torch.zeros_like(packed))
+    out = torch.zeros(*idx.shape[:-1], n_kv_blocks, dtype=torch.int32)
+    w = min(maxk, n_kv_blocks)
+    out[..., :w] = packed[..., :w].to(torch.int32)
+    return num.to(torch.int32), out
+
+
+def layout_to_block_mask(layout: Any, num_heads: int, q_len: int, kv_len: int) -> Any:
+    """A FlexAttention BlockMask visiting the same blocks as a BlockLayout (partial blocks get the
+    element mask: causal plus the layout's sink/window constraints)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    idx = layout.kv_indices.to(torch.int64)
+    counts = layout.kv_counts.to(torch.int64)
+    full = layout.full.to(torch.bool)
+    h = idx.shape[1]
+    if h not in (1, num_heads):
+        rep = num_heads // h
+        idx, counts, full = (t.repeat_interleave(rep, dim=1) for t in (idx, counts, full))
+    n_kv_blocks = -(-kv_len // int(layout.block_k))
+    valid = torch.arange(idx.shape[-1]) < counts.unsqueeze(-1)
+    kv_num, kv_idx = _pack_blocks(idx, valid & ~full, n_kv_blocks)
+    full_num, full_idx = _pack_blocks(idx, valid & full, n_kv_blocks)
+
+    # The element rule also checks the block table, so the mask is exact on any flex path (eager
+    # flex evaluates mask_mod everywhere and ignores the block lists).
+    table = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[2], n_kv_blocks + 1, dtype=torch.bool)
+    table.scatter_(-1, torch.where(valid, idx, torch.full_like(idx, n_kv_blocks)), True)
+    table = table[..., :n_kv_blocks].expand(-1, num_heads, -1, -1).contiguous()  # [B, Hq, nqb, nkb]
+    bq, bk = int(layout.block_q), int(layout.block_k)
+    q_block0 = (kv_len - q_len) // bq  # query tile t is absolute query block q_block0 + t
+    offset = kv_len - q_len
+    causal = bool(layout.causal)
+
+    def _per_head(t: Any) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = torch.as_tensor(t, dtype=torch.int64).reshape(BATCH, -1)
+        return t.repeat_interleave(num_heads // t.shape[1], dim=1) if t.shape[1] != num_heads else t
+
+    sink = _per_head(getattr(layout, "sink_tokens", None))
+    window = _per_head(getattr(layout, "window_tokens", None))
+
+    def mask_mod(b: Any, hh: Any, q_idx: Any, kv_idx_: Any) -> Any:
+        p = q_idx + offset
+        m = table[b, hh, p // bq - q_block0, kv_idx_ // bk]
+        m = m & (kv_idx_ <= p) if causal else m
+        if sink is not None and window is not None:
+            m = m & ((kv_idx_ < sink[b, hh]) | (kv_idx_ > p - window[b, hh]))
+        return m
+
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(bq, bk),
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+        compute_q_blocks=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# rows
+
+
+def _row(
+    op: str, method: str, params: dict[str, Any], mode: str, sq: int, skv: int, **extra: Any
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "op": op,
+        "method": method,
+        "params": params,
+        "mode": mode,
+        "shape": _shape(sq, skv),
+        "density": None,
+        "time_ms": None,
+        "speedup_vs_dense": None,
+        "peak_extra_mem_bytes": None,
+        "status": "ok",
+        "length": skv,
+    }
+    row.update(extra)
+    return row
+
+
+class _Runner:
+    def __init__(self, repeats: int, quick: bool, log: Callable[[str], None]):
+        self.repeats = repeats
+        self.min_repeats = min(MIN_REPEATS, repeats)
+        self.quick = quick
+        self.log = log
+
+    def measure(self, row: dict[str, Any], fn: Callable[[], Any], qkv_bytes: int) -> Any:
+        """First (untimed) call under the memory probe, then the timed runs. Returns the output."""
+        out, extra = memory.peak_extra_rss(fn)
+        timing = harness.time_callable(
+            fn,
+            warmup=0,
+            repeats=self.repeats,
+            min_repeats=self.min_repeats,
+            budget_s=None if self.quick else CASE_BUDGET_S,
+        )
+        row["time_ms"] = timing.summary()
+        row["repeats"] = len(timing.samples_ms)
+        row["peak_extra_mem_bytes"] = extra
+        row["peak_extra_mem_ratio"] = None if extra is None else round(extra / qkv_bytes, 4)
+        return out
+
+    def fail(self, row: dict[str, Any], exc: BaseException, prefix: str = "error") -> None:
+        row["status"] = f"{prefix}: {_short_error(exc)}"
+        row["time_ms"] = None
+        row["speedup_vs_dense"] = None
+
+    def done(self, row: dict[str, Any], t0: float) -> None:
+        p50 = row["time_ms"]["p50"] if row.get("time_ms") else None
+        what = f"{p50:.2f} ms" if p50 is not None else row["status"]
+        self.log(
+            f"  {row['mode']:<7} {row['length']:>6} {row['op']:<22} {row['method']:<12} "
+            f"{row.get('label', ''):<32} {what}  ({time.perf_counter() - t0:.1f}s)"
+        )
+
+
+def _bench_prefill(n: int, runner: _Runner, flex: bool) -> list[dict[str, Any]]:
+    import sparse_attn as sa
+
+    rows: list[dict[str, Any]] = []
+    q, k, v = _qkv(n, n, DATA_SEED + n)
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    check_len = min(CHECK_PREFILL_LEN, n)
+
+    t0 = time.perf_counter()
+    dense = _row(
+        "sdpa",
+        "dense",
+        {"is_causal": True},
+        "prefill",
+        n,
+        n,
+        label="causal",
+        target_density=1.0,
+        qkv_bytes=qkv_bytes,
+        density=1.0,
+    )
+    try:
+        dense["check"] = _check_sdpa(check_len, check_len)
+        if not dense["check"]["ok"]:
+            dense["status"] = "failed-correctness"
+        else:
+            runner.measure(
+                dense,
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                qkv_bytes,
+            )
+    except Exception as exc:  # one failing case must not end the run
+        runner.fail(dense, exc)
+    rows.append(dense)
+    runner.done(dense, t0)
+
+    for case in _prefill_cases():
+        t0 = time.perf_counter()
+        row = _row(
+            "block_sparse_attention",
+            case.method,
+            {},
+            "prefill",
+            n,
+            n,
+            label=case.label,
+            target_density=case.target_density,
+            qkv_bytes=qkv_bytes,
+        )
+        out = None
+        layout = None
+        try:
+            method = case.build(n)
+            row["params"] = _method_params(method)
+            if case.method == "s2":
+                row["params"]["covers_full_context"] = bool(method.covers_full_context(HKV))
+            # the recipe at the small length (sparse there too) and the benchmarked config itself
+            checks = [
+                check_static(case.build(check_len), check_len, check_len),
+                check_static(method, check_len, check_len),
+            ]
+            row["check"] = {"ok": all(c["ok"] for c in checks), "checks": checks}
+            if not row["check"]["ok"]:
+                row["status"] = "failed-correctness"
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tp = time.perf_counter()
+                    layout = method.plan(n, n, HQ, HKV)
+                    row["plan_ms"] = round((time.perf_counter() - tp) * 1e3, 3)
+                td = time.perf_counter()
+                row["density"] = round(float(layout.density()), 5)
+                row["density_ms"] = round((time.perf_counter() - td) * 1e3, 3)
+                lay = layout
+                out = runner.measure(row, lambda lay=lay: sa.block_sparse_attention(q, k, v, lay), qkv_bytes)
+        except Exception as exc:  # one failing case must not end the run
+            runner.fail(row, exc)
+        rows.append(row)
+        runner.done(row, t0)
+
+        if case.flex:
+            rows.append(_bench_flex(case, row, layout, out, q, k, v, n, runner, flex, qkv_bytes))
+        del out
+    return rows
+
+
+def _bench_flex(
+    case: Case,
+    sparse_row: dict[str, Any],
+    layout: Any,
+    ref_out: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n: int,
+    runner: _Runner,
+    enabled: bool,
+    qkv_bytes: int,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    row = _row(
+        "flex_attention",
+        case.method,
+        sparse_row.get("params", {}),
+        "prefill",
+        n,
+        n,
+        label=case.label,
+        target_density=case.target_density,
+        qkv_bytes=qkv_bytes,
+        density=sparse_row.get("density"),
+    )
+    if not enabled:
+        row["status"] = "skipped: FlexAttention disabled (--no-flex or --quick)"
+    elif sparse_row["status"] != "ok" or layout is None or ref_out is None:
+        row["status"] = "skipped: the sparse kernel row has no verified output to check against"
+    else:
+        try:
+            bm = layout_to_block_mask(layout, HQ, n, n)
+            fa = _compiled_flex()
+
+            def fn() -> torch.Tensor:
+                return fa(q, k, v, block_mask=bm, enable_gqa=True)
+
+            tc = time.perf_counter()
+            out = fn()  # compiles
+            row["compile_ms"] = round((time.perf_counter() - tc) * 1e3, 1)
+            ok, err, tol = _compare(out, ref_out, 2e-5)
+            row["check"] = {
+                "ok": ok,
+                "against": "block_sparse_attention output at the benchmark shape",
+                "max_abs_err": err,
+                "tol": tol,
+            }
+            del out
+            if not ok:
+                row["status"] = "failed-correctness"
+            else:
+                runner.measure(row, fn, qkv_bytes)
+        except Exception as exc:  # FlexAttention on CPU is best effort: record why
+            runner.fail(row, exc, prefix="unsupported")
+    runner.done(row, t0)
+    return row
+
+
+def _bench_decode(n: int, runner: _Runner) -> list[dict[str, Any]]:
+    import sparse_attn as sa
+
+    rows: list[dict[str, Any]] = []
+    q, k, v = _qkv(1, n, DATA_SEED + n + 1)
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    check_len = min(CHECK_DECODE_LEN, n)
+
+    t0 = time.perf_counter()
+    dense = _row(
+        "sdpa",
+        "dense",
+        {"is_causal": False},
+        "decode",
+        1,
+        n,
+        label="all keys",
+        target_density=1.0,
+        qkv_bytes=qkv_bytes,
+        density=1.0,
+    )
+    try:
+        dense["check"] = _check_sdpa(1, check_len)
+        if not dense["check"]["ok"]:
+            dense["status"] = "failed-correctness"
+        else:
+            runner.measure(dense, lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), qkv_bytes)
+    except Exception as exc:  # one failing case must not end the run
+        runner.fail(dense, exc)
+    rows.append(dense)
+    runner.done(dense, t0)
+
+    for case in _decode_cases():
+        t0 = time.perf_counter()
+        row = _row(
+            "block_sparse_attention",
+            case.method,
+            {},
+            "decode",
+            1,
+            n,
+            label=case.label,
+            target_density=case.target_density,
+            qkv_bytes=qkv_bytes,
+        )
+        try:
+            method = case.build(n)
+            row["params"] = _method_params(method)
+            checks = [check_static(case.build(check_len), 1, check_len), check_static(method, 1, check_len)]
+            row["check"] = {"ok": all(c["ok"] for c in checks), "checks": checks}
+            if not row["check"]["ok"]:
+                row["status"] = "failed-correctness"
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tp = time.perf_counter()
+                    layout = method.plan(1, n, HQ, HKV)
+                    row["plan_ms"] = round((time.perf_counter() - tp) * 1e3, 3)
+                row["density"] = round(float(layout.density()), 5)
+                runner.measure(
+                    row, lambda layout=layout: sa.block_sparse_attention(q, k, v, layout), qkv_bytes
+                )
+        except Exception as exc:  # one failing case must not end the run
+            runner.fail(row, exc)
+        rows.append(row)
+        runner.done(row, t0)
+
+    t0 = time.perf_counter()
+    count = max(1, round(n * DECODE_FRACTION))
+    row = _row(
+        "token_sparse_attention",
+        "token_random",
+        {"selected": count, "seed": DATA_SEED, "log_weights": False},
+        "decode",
+        1,
+        n,
+        label="1/16 random keys",
+        target_density=DECODE_FRACTION,
+        qkv_bytes=qkv_bytes,
+    )
+    try:
+        row["check"] = check_token(check_len, max(1, round(check_len * DECODE_FRACTION)))
+        if not row["check"]["ok"]:
+            row["status"] = "failed-correctness"
+        else:
+            tp = time.perf_counter()
+            sel = _random_selection(n, count, DATA_SEED)
+            row["plan_ms"] = round((time.perf_counter() - tp) * 1e3, 3)
+            row["density"] = round(float(sel.density([n])), 5)
+            runner.measure(row, lambda: sa.token_sparse_attention(q, k, v, sel), qkv_bytes)
+    except Exception as exc:  # one failing case must not end the run
+        runner.fail(row, exc)
+    rows.append(row)
+    runner.done(row, t0)
+    return rows
+
+
+def _add_speedups(rows: list[dict[str, Any]]) -> None:
+    base = {
+        (r["mode"], r["length"]): r["time_ms"]["p50"]
+        for r in rows
+        if r["op"] == "sdpa" and r["status"] == "ok" and r.get("time_ms")
+    }
+    for r in rows:
+        b = base.get((r["mode"], r["length"]))
+        if r["status"] == "ok" and r.get("time_ms") and b:
+            r["speedup_vs_dense"] = round(b / r["time_ms"]["p50"], 3)
+        else:
+            r["speedup_vs_dense"] = None
+
+
+def evaluate_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, each with the rows it was judged on and whether it was met (None when the
+    run did not measure it)."""
+
+    def pick(mode: str, length: int, target: float, ops: Sequence[str]) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in rows
+            if r["mode"] == mode
+            and r["length"] == length
+            and r["op"] in ops
+            and abs(r.get("target_density", -1) - target) < 1e-9
+        ]
+
+    goals: dict[str, Any] = {}
+
+    sel = pick("prefill", GOAL_PREFILL["length"], GOAL_PREFILL["target_density"], ("block_sparse_attention",))
+    vals = [r["speedup_vs_dense"] for r in sel]
+    goals["prefill_16k_10pct_speedup"] = {
+        "description": "sparse prefill (block_sparse_attention) at 16k and ~10% density is >= 5x faster "
+        "than dense SDPA, for every static method",
+        "threshold": GOAL_PREFILL["min_speedup"],
+        "rows": [
+            {
+                "method": r["method"],
+                "density": r["density"],
+                "speedup_vs_dense": r["speedup_vs_dense"],
+                "status": r["status"],
+            }
+            for r in sel
+        ],
+        "value": min((x for x in vals if x is not None), default=None) if vals and None not in vals else None,
+        "met": None if not sel else all(x is not None and x >= GOAL_PREFILL["min_speedup"] for x in vals),
+    }
+
+    sel = pick(
+        "decode",
+        GOAL_DECODE["length"],
+        GOAL_DECODE["target_density"],
+        ("block_sparse_attention", "token_sparse_attention"),
+    )
+    vals = [r["speedup_vs_dense"] for r in sel]
+    goals["decode_64k_1of16_speedup"] = {
+        "description": "decode selecting 1/16 of a 64k cache is >= 8x faster than dense SDPA, for every method",
+        "threshold": GOAL_DECODE["min_speedup"],
+        "rows": [
+            {
+                "method": r["method"],
+                "op": r["op"],
+                "density": r["density"],
+                "speedup_vs_dense": r["speedup_vs_dense"],
+                "status": r["status"],
+            }
+            for r in sel
+        ],
+        "value": min(vals) if vals and None not in vals else None,
+        "met": None if not sel else all(x is not None and x >= GOAL_DECODE["min_speedup"] for x in vals),
+    }
+
+    sel = [
+        r
+        for r in rows
+        if r["mode"] == "prefill"
+        and r["length"] == GOAL_MEMORY["length"]
+        and r["op"] == "block_sparse_attention"
+    ]
+    ratios = [r.get("peak_extra_mem_ratio") for r in sel]
+    met: bool | None
+    if not sel:
+        met = None
+    elif any(r["status"] != "ok" for r in sel):
+        met = False
+    elif None in ratios:
+        met = None
+    else:
+        met = max(ratios) < GOAL_MEMORY["max_ratio"]
+    dense_mem = [
+        r.get("peak_extra_mem_ratio")
+        for r in rows
+        if r["mode"] == "prefill" and r["length"] == GOAL_MEMORY["length"] and r["op"] == "sdpa"
+    ]
+    goals["prefill_32k_extra_memory"] = {
+        "description": "peak extra memory of sparse prefill at 32k is below 2x the bytes of q, k, v "
+        "(every static-method row)",
+        "threshold": GOAL_MEMORY["max_ratio"],
+        "rows": [
+            {
+                "method": r["method"],
+                "label": r.get("label"),
+                "peak_extra_mem_ratio": r.get("peak_extra_mem_ratio"),
+                "status": r["status"],
+            }
+            for r in sel
+        ],
+        "value": max(ratios) if ratios and None not in ratios else None,
+        "dense_sdpa_ratio": dense_mem[0] if dense_mem else None,
+        "met": met,
+    }
+    return goals
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points
+
+
+def default_json_path(quick: bool = False) -> Path:
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    return Path("bench") / "results" / f"throughput-cpu-{date}{'-quick' if quick else ''}.json"
+
+
+def run(
+    *,
+    lengths: Sequence[int] | None = None,
+    decode_lengths: Sequence[int] | None = None,
+    repeats: int | None = None,
+    quick: bool = False,
+    threads: int | None = None,
+    flex: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and return the result document (rows, goals, environment)."""
+    import sparse_attn  # noqa: F401 - fail early with the import error
+
+    log = log or (lambda _msg: None)
+    lengths = tuple(lengths) if lengths else (QUICK_PREFILL_LENGTHS if quick else DEFAULT_PREFILL_LENGTHS)
+    decode_lengths = (
+        tuple(decode_lengths)
+        if decode_lengths
+        else (QUICK_DECODE_LENGTHS if quick else DEFAULT_DECODE_LENGTHS)
+    )
+    repeats = repeats if repeats is not None else (1 if quick else DEFAULT_REPEATS)
+    flex = (not quick) if flex is None else flex
+    threads = threads or 2
+    torch.set_num_threads(threads)
+
+    env = harness.environment()  # at the start: timestamp and load before the run
+    other_load = harness.OtherLoad()
+    other_load.start()
+    runner = _Runner(repeats, quick, log)
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    with torch.no_grad():
+        for n in lengths:
+            log(f"prefill {n} ...")
+            rows.extend(_bench_prefill(int(n), runner, flex))
+        for n in decode_lengths:
+            log(f"decode {n} ...")
+            rows.extend(_bench_decode(int(n), runner))
+    _add_speedups(rows)
+    wall = time.perf_counter() - t_start
+    env["machine"]["load_avg_end"] = harness.load_avg()
+    env["machine"]["other_processes_cpu_fraction"] = other_load.stop()
+
+    return _finite(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "benchmark": "throughput",
+            "device": "cpu",
+            "env": env,
+            "config": {
+                "shape": {
+                    "B": BATCH,
+                    "Hq": HQ,
+                    "Hkv": HKV,
+                    "D": HEAD_DIM,
+                    "dtype": "float32",
+                    "block_size": BLOCK,
+                },
+                "prefill_lengths": list(lengths),
+                "decode_lengths": list(decode_lengths),
+                "max_repeats": repeats,
+                "min_repeats": runner.min_repeats,
+                "case_budget_s": None if quick else CASE_BUDGET_S,
+                "threads": threads,
+                "quick": quick,
+                "flex": flex,
+            },
+            "wall_time_s": round(wall, 1),
+            "rows": rows,
+            "goals": evaluate_goals(rows),
+        }
+    )
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The printed table: one line per row, then the goals."""
+    head = (
+        f"{'mode':<7} {'length':>6} {'op':<6} {'method':<12} {'params':<32} {'density':>7} "
+        f"{'p50 ms':>10} {'speedup':>8} {'mem/qkv':>7}  status"
+    )
+    ops = {
+        "sdpa": "sdpa",
+        "block_sparse_attention": "bsa",
+        "token_sparse_attention": "tsa",
+        "flex_attention": "flex",
+    }
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        p50 = r["time_ms"]["p50"] if r.get("time_ms") else None
+        lines.append(
+            f"{r['mode']:<7} {r['length']:>6} {ops.get(r['op'], r['op']):<6} {r['method']:<12} "
+            f"{str(r.get('label', ''))[:32]:<32} {_fmt(r['density'], '.3f'):>7} {_fmt(p50, '.2f'):>10} "
+            f"{_fmt(r['speedup_vs_dense'], '.2f'):>8} {_fmt(r.get('peak_extra_mem_ratio'), '.2f'):>7}  {r['status']}"
+        )
+    lines.append("")
+    lines.append(
+        "ops: sdpa = dense scaled_dot_product_attention, bsa = block_sparse_attention, "
+        "tsa = token_sparse_attention, flex = torch.compile(flex_attention); "
+        "mem/qkv = peak extra RSS / bytes of q, k, v"
+    )
+    for name, g in result["goals"].items():
+        met = {True: "MET", False: "NOT MET", None: "not measured"}[g["met"]]
+        key = (
+            "peak_extra_mem_ratio"
+            if "peak_extra_mem_ratio" in (g["rows"][0] if g["rows"] else {})
+            else "speedup_vs_dense"
+        )
+        per_row = ", ".join(
+            f"{r.get('op', 'bsa').replace('token_sparse_attention', 'tsa').replace('block_sparse_attention', 'bsa')}:"
+            f"{r['method']}{'' if not r.get('label') else ' ' + r['label'].split()[0]}={_fmt(r.get(key), '.2f')}"
+            for r in g["rows"]
+        )
+        extra = f"; dense SDPA {g['dense_sdpa_ratio']}" if g.get("dense_sdpa_ratio") is not None else ""
+        lines.append(f"goal {name}: {met} (threshold {g['threshold']}; {per_row or 'no rows'}{extra})")
+    env = result["env"]
+    lines.append(
+        f"{env['machine']['cpu_model']}, {env['machine']['torch_threads']} threads, torch {env['torch']}, "
+        f"commit {env['git_commit'][:12]}, {result['wall_time_s']} s, "
+        f"load avg {env['machine'].get('load_avg')} -> {env['machine'].get('load_avg_end')}, "
+        f"other processes used {_fmt(env['machine'].get('other_processes_cpu_fraction'), '.0%')} of the CPU"
+    )
+    return "\n".join(lines)
+
+
+def has_failures(result: dict[str, Any]) -> bool:
+    """True when a row failed its correctness check or errored (FlexAttention 'unsupported' and
+    'skipped' rows do not count)."""
+    return any(r["status"] == "failed-correctness" or r["status"].startswith("error") for r in result["rows"])

@@ -1,0 +1,166 @@
+"""Smoke tests of `sparse-attn bench throughput` at tiny sizes: the JSON schema, the table, and the
+refusal to report speed for a method whose correctness self-check fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+
+import sparse_attn
+from sparse_attn import cli
+
+TINY = ["bench", "throughput", "--quick", "--lengths", "256", "--decode-lengths", "512"]
+ROW_FIELDS = (
+    "op",
+    "method",
+    "params",
+    "mode",
+    "shape",
+    "density",
+    "time_ms",
+    "speedup_vs_dense",
+    "peak_extra_mem_bytes",
+    "status",
+)
+GOALS = {"prefill_16k_10pct_speedup", "decode_64k_1of16_speedup", "prefill_32k_extra_memory"}
+EXPECTED = {
+    ("prefill", "sdpa", "dense"),
+    ("prefill", "block_sparse_attention", "sink_local"),
+    ("prefill", "block_sparse_attention", "s2"),
+    ("prefill", "block_sparse_attention", "block_sparse"),
+    ("prefill", "block_sparse_attention", "moa"),
+    ("decode", "sdpa", "dense"),
+    ("decode", "block_sparse_attention", "sink_local"),
+    ("decode", "block_sparse_attention", "s2"),
+    ("decode", "token_sparse_attention", "token_random"),
+}
+
+
+def _bench_module(name: str):
+    return cli._import_bench(name)
+
+
+def _run(tmp_path, *extra: str) -> tuple[int, dict]:
+    path = tmp_path / "throughput.json"
+    rc = cli.main([*TINY, "--json", str(path), *extra])
+    return rc, json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_quick_run_writes_the_fixed_schema(tmp_path, capsys):
+    rc, doc = _run(tmp_path)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "p50 ms" in printed
+
+    assert doc["schema_version"] == 1 and doc["benchmark"] == "throughput" and doc["device"] == "cpu"
+    env = doc["env"]
+    for key in ("machine", "python", "torch", "sparse_attn", "git_commit", "timestamp_utc"):
+        assert env[key], key
+    for key in ("platform", "cpu_model", "cores"):
+        assert key in env["machine"]
+    assert doc["config"]["shape"] == {
+        "B": 1,
+        "Hq": 8,
+        "Hkv": 2,
+        "D": 64,
+        "dtype": "float32",
+        "block_size": 64,
+    }
+    assert set(doc["goals"]) == GOALS
+    for goal in doc["goals"].values():
+        assert goal["met"] in (True, False, None) and "threshold" in goal
+        assert goal["met"] is None  # tiny lengths measure none of the goals
+
+    rows = doc["rows"]
+    assert {(r["mode"], r["op"], r["method"]) for r in rows} >= EXPECTED
+    memory = _bench_module("memory")
+    for r in rows:
+        for f in ROW_FIELDS:
+            assert f in r, (f, r)
+        assert set(r["shape"]) >= {"B", "Hq", "Hkv", "Sq", "Skv", "D", "dtype"}
+        assert r["shape"]["Sq"] == (1 if r["mode"] == "decode" else r["shape"]["Skv"])
+        if r["op"] == "flex_attention":
+            assert r["status"].startswith("skipped"), r  # --quick leaves FlexAttention out
+            assert r["time_ms"] is None
+            continue
+        assert r["status"] == "ok", r
+        t = r["time_ms"]
+        assert 0 < t["p20"] <= t["p50"] <= t["p80"]
+        assert 0 < r["density"] <= 1 and r["speedup_vs_dense"] > 0
+        if r["op"] != "sdpa":
+            assert r["density"] < 1 and r["check"]["ok"]
+        if memory.supported():
+            assert isinstance(r["peak_extra_mem_bytes"], int) and r["peak_extra_mem_bytes"] >= 0
+
+
+def test_method_failing_its_self_check_gets_no_speed(tmp_path, monkeypatch):
+    """A SinkLocal whose plan no longer matches its mask() must be refused, the rest still timed."""
+    original_plan = sparse_attn.SinkLocal.plan
+
+    def wrong_plan(self, *args, **kwargs):
+        narrower = dataclasses.replace(self, window_tokens=max(1, self.window_tokens // 2))
+        return original_plan(narrower, *args, **kwargs)
+
+    monkeypatch.setattr(sparse_attn.SinkLocal, "plan", wrong_plan)
+    rc, doc = _run(tmp_path)
+    assert rc == 1
+    bad = [r for r in doc["rows"] if r["method"] == "sink_local" and r["op"] == "block_sparse_attention"]
+    assert bad
+    for r in bad:
+        assert r["status"] == "failed-correctness"
+        assert r["time_ms"] is None and r["speedup_vs_dense"] is None and r["check"]["ok"] is False
+    others = [r for r in doc["rows"] if r["method"] != "sink_local" and r["op"] != "flex_attention"]
+    assert others and all(r["status"] == "ok" and r["time_ms"] for r in others)
+
+
+def test_layout_to_block_mask_matches_the_reference():
+    """The FlexAttention BlockMask built from a layout visits the same elements (eager flex, small)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparse_attn.reference import reference_attention
+
+    tp = _bench_module("throughput")
+    n = 200
+    q, k, v = tp._qkv(n, n, 7)
+    methods = [
+        sparse_attn.SinkLocal(sink_tokens=4, window_tokens=37, block_size=64),
+        sparse_attn.S2(block_size=64, local_blocks=1, vert_stride=2),
+        sparse_attn.BlockSparse(block_size=64, sink_blocks=1, local_blocks=1),
+    ]
+    for method in methods:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layout = method.plan(n, n, 8, 2)
+            mask = method.mask(n, n, 8, 2)
+            bm = tp.layout_to_block_mask(layout, 8, n, n)
+            out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+        ref, _ = reference_attention(q.double(), k.double(), v.double(), mask.unsqueeze(0))
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4, msg=str(method))
+
+
+@pytest.mark.parametrize("text, value", [("4k", 4096), ("16K", 16384), ("300", 300), ("0.5k", 512)])
+def test_length_parsing(text, value):
+    assert cli._parse_length(text) == value
+    assert cli._length_list(f"{text},1k") == [value, 1024]
+
+
+def test_cli_import_is_silent_and_lazy():
+    """Importing the CLI prints nothing and does not import the benchmarks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(sparse_attn.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    code = (
+        "import sys, sparse_attn.cli; "
+        "assert not [m for m in sys.modules if m.endswith(('bench.throughput', 'bench.harness'))]"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""
