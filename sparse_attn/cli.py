@@ -105,7 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: on, off with --quick)",
     )
     tp.set_defaults(handler=_cmd_bench_throughput)
+
+    rp = bench_sub.add_parser(
+        "report",
+        help="print a benchmark JSON as markdown (optionally rewrite the README's results block)",
+    )
+    rp.add_argument("path", metavar="JSON", help="a result written by `sparse-attn bench throughput`")
+    rp.add_argument(
+        "--readme", default=None, metavar="README", help="replace the <!-- bench-table --> block of this file"
+    )
+    rp.set_defaults(handler=_cmd_bench_report)
     return parser
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    report = _import_bench("report")
+    if args.readme:
+        report.update_readme(args.readme, args.path)
+    print(report.markdown_summary(json.loads(Path(args.path).read_text())))
+    return 0
 
 
 def _import_bench(name: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -164,3 +165,24 @@ def test_cli_import_is_silent_and_lazy():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout == ""
+
+
+def test_report_renders_every_row_and_rewrites_only_the_readme_block(tmp_path, capsys):
+    code, result = _run(tmp_path)
+    assert code == 0
+    report = _bench_module("report")
+    text = report.markdown_summary(result)
+    table_rows = [line for line in text.splitlines() if re.match(r"\| (prefill|decode) \| \d+ \|", line)]
+    assert len(table_rows) == len(result["rows"])
+    assert result["env"]["git_commit"][:12] in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-table -->\nstale\n<!-- /bench-table -->\noutro\n")
+    json_path = tmp_path / "r.json"
+    json_path.write_text(json.dumps(result))
+    report.update_readme(readme, json_path)
+    new = readme.read_text()
+    assert new.startswith("intro\n<!-- bench-table -->\n") and new.endswith("<!-- /bench-table -->\noutro\n")
+    assert "stale" not in new and text in new
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="bench-table"):
+        report.update_readme(readme, json_path)

@@ -15,7 +15,7 @@ from ..block_layout import BlockLayout, element_allowed
 from .common import accum_dtype, head_units, softmax_av
 
 # Upper bound on the scratch (scores + gathered K/V) of one chunk of tiles, in bytes.
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 8 * 2**20
 # Units (KV heads, or query heads with per-head patterns) are processed together only while the
 # largest per-unit block count is within this factor of the mean: padding to the largest costs work.
 UNIT_SPREAD = 1.25

@@ -1,0 +1,59 @@
+"""Markdown summaries of benchmark JSON: the README's results table is generated here, never by hand."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
+OPS = {
+    "sdpa": "dense SDPA",
+    "block_sparse_attention": "sparse",
+    "token_sparse_attention": "token",
+    "flex_attention": "flex",
+}
+
+
+def _cell(x: Any, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown_summary(result: dict[str, Any]) -> str:
+    """Prefill and decode tables (every measured row with status ok) plus the goal verdicts."""
+    env = result["env"]
+    shape = result["config"]["shape"]
+    lines = [
+        f"Measured on {env['machine']['cpu_model']} ({env['machine']['torch_threads']} threads), torch {env['torch']}, "
+        f"commit `{env['git_commit'][:12]}`, {env['timestamp_utc']}; B={shape['B']}, Hq={shape['Hq']}, "
+        f"Hkv={shape['Hkv']}, D={shape['D']}, {shape['dtype']}, block {shape['block_size']}. "
+        "Speedup is dense time / method time in the same run; mem is peak extra RSS / bytes of q, k, v.",
+        "",
+        "| mode | length | op | method | pattern | density | p50 ms | speedup | mem |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        p50 = r["time_ms"]["p50"] if r.get("time_ms") else None
+        status = "" if r["status"] == "ok" else f" ({r['status'].split(':')[0]})"
+        lines.append(
+            f"| {r['mode']} | {r['length']} | {OPS.get(r['op'], r['op'])} | {r['method']} | {r.get('label', '')}{status} "
+            f"| {_cell(r['density'], '.3f')} | {_cell(p50, '.2f')} | {_cell(r['speedup_vs_dense'], '.2f')} "
+            f"| {_cell(r.get('peak_extra_mem_ratio'), '.2f')} |"
+        )
+    lines += ["", "| goal | threshold | worst row | met |", "|---|---:|---:|---|"]
+    for g in result["goals"].values():
+        met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+        lines.append(f"| {g['description']} | {g['threshold']} | {_cell(g.get('value'), '.2f')} | {met} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, result_path: str | Path) -> None:
+    """Replace the block between the bench-table markers of ``readme`` with the summary of a result."""
+    path = Path(readme)
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{path} needs the markers {START} and {END}")
+    result = json.loads(Path(result_path).read_text())
+    block = f"{START}\n{markdown_summary(result)}\n\nSource: `{Path(result_path).as_posix()}`.\n{END}"
+    path.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
