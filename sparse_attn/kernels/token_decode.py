@@ -25,7 +25,7 @@ def token_sparse_attention_torch(
     acc = accum_dtype(q.dtype)
     units = head_units(hq, k.shape[1], selection.num_heads)
     gq = units.group_size
-    lrow = units.pattern_row.to(dev)
+    lrow = units.pattern_row.to(selection.indices.device)  # the selection may live on the host
     idx = selection.indices[:, lrow].to(dev, torch.int64)  # [B, U, km]
     kv_lens_d, q_lens_d = kv_lens.to(dev), q_lens.to(dev)
     used = selection.used()[:, lrow].to(dev) & (idx < kv_lens_d[:, None, None])
@@ -38,7 +38,8 @@ def token_sparse_attention_torch(
     q_sel = q[:, units.q_heads.to(dev)].to(acc).flatten(2, 3) * scale  # [B, U, gq*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, U, gq*Sq, km]
     if selection.log_weights is not None:
-        scores.add_(selection.log_weights[:, lrow].to(dev, acc)[:, :, None, :])
+        log_weights = selection.log_weights.to(dev, acc)[:, lrow.to(dev)]
+        scores.add_(log_weights[:, :, None, :])
     i = torch.arange(sq, device=dev)
     row_ok = i[None, :] < q_lens_d[:, None]  # [B, Sq]
     allowed = used[:, :, None, :] & row_ok.repeat(1, gq)[:, None, :, None]
