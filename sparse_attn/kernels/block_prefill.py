@@ -86,11 +86,11 @@ def _row_attention(
     n_units, gq, _, d = q_u.shape
     dv = v_row.shape[-1]
     pos = geo.tile_positions().to(dev)  # [nt, bq] absolute query positions
-    lrow = pattern_row.to(dev)
+    lrow = pattern_row.to(layout.kv_counts.device)  # index the layout where it lives (often the host)
     counts = layout.kv_counts[b, lrow, :nt].to(dev, torch.int64)  # [U, nt]
     sink, window = layout.head_constraints(b)
     if window is not None:
-        sink, window = sink.to(dev)[lrow], window.to(dev)[lrow]
+        sink, window = sink[lrow.cpu()].to(dev), window[lrow.cpu()].to(dev)
     # gather straight from the row's cache: flat row = kv_head * Skv + key (no per-unit copy)
     unit_base = (kv_head.to(dev) * k_row.shape[1])[:, None, None]
     k_flat, v_flat = k_row.reshape(-1, d), v_row.reshape(-1, dv)
@@ -104,9 +104,11 @@ def _row_attention(
         # A lone tile computes only its real rows (decode: one row, not block_q).
         lo, hi = (r0 - r_lo, r1 - r_lo) if n_t == 1 else (0, bq)
         rt = hi - lo
-        blk = layout.kv_indices[b, lrow, t0:t1, :mk].to(dev, torch.int64)  # [U, T, mk]
+        blk = layout.kv_indices[b, lrow.to(layout.kv_indices.device), t0:t1, :mk].to(
+            dev, torch.int64
+        )  # [U, T, mk]
         used = torch.arange(mk, device=dev) < counts[:, t0:t1, None]  # [U, T, mk]
-        full = layout.full[b, lrow, t0:t1, :mk].to(dev) & used
+        full = layout.full[b, lrow.to(layout.full.device), t0:t1, :mk].to(dev) & used
         clean = full & (blk * bk + bk <= geo.kv_len)  # slots that need no mask at all
         # Softmax ignores key order: move the slots that need a mask to the front of each tile so the
         # mask touches only a prefix of the scores.
