@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 
 import torch
@@ -24,18 +26,71 @@ _logged_choices: set[tuple[str, str]] = set()
 Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def select_backend(backend: str, device: torch.device) -> str:
-    """The kernel family for this call: "torch" (any device) for now; logged once per choice."""
+def select_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The kernel family for a call: "triton" for CUDA tensors when triton is installed, else "torch";
+    ``backend`` or SPARSE_ATTN_BACKEND force one. Logged once per (choice, device type)."""
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    choice = read_settings().backend if backend == "auto" else backend
+    settings = read_settings()
+    choice = settings.backend if backend == "auto" else backend
     if choice == "auto":
-        choice = "torch"
+        choice = (
+            "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
+        )
+    if choice == "triton":
+        if device.type != "cuda" and not settings.triton_interpret:
+            raise BackendError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, for tests); got {device.type} "
+                "tensors: use backend='torch' on CPU"
+            )
+        if importlib.util.find_spec("triton") is None:
+            raise BackendError("backend='triton' needs the triton package: pip install 'sparse-attn[triton]'")
+        if dtype == torch.float64:
+            raise BackendError(
+                "backend='triton' takes fp16/bf16/fp32 tensors; use backend='torch' for float64"
+            )
     key = (choice, device.type)
     if key not in _logged_choices:
         _logged_choices.add(key)
         logger.info("sparse_attn: using the %s backend for %s tensors", choice, device.type)
     return choice
+
+
+def _triton(module: str):
+    return importlib.import_module(f"sparse_attn.triton_kernels.{module}")
+
+
+def _run_layout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    scale: float,
+    return_lse: bool,
+    backend: str,
+) -> Result:
+    if backend == "triton":
+        lay = layout.to(q.device)
+        out, lse = _triton("block_sparse_fwd").block_sparse_fwd(
+            q,
+            k,
+            v,
+            lay.kv_indices,
+            lay.kv_counts,
+            lay.full,
+            lay.q_lens,
+            lay.kv_lens,
+            block_q=lay.block_q,
+            block_k=lay.block_k,
+            causal=lay.causal,
+            sink_tokens=lay.sink_tokens,
+            window_tokens=lay.window_tokens,
+            scale=scale,
+            return_lse=return_lse,
+        )
+    else:
+        out, lse = block_sparse_attention_torch(q, k, v, layout, scale, need_lse=return_lse)
+    return _finish(out, lse, return_lse)
 
 
 def _finish(out: torch.Tensor, lse: torch.Tensor, return_lse: bool) -> Result:
@@ -52,6 +107,7 @@ def _dense(
     causal: bool,
     scale: float,
     return_lse: bool,
+    backend: str,
 ) -> Result:
     uniform = bool((q_lens == shape.q_len).all()) and bool((kv_lens == shape.kv_len).all())
     aligned = not causal or shape.q_len in (1, shape.kv_len)
@@ -60,7 +116,7 @@ def _dense(
             q, k, v, is_causal=causal and shape.q_len > 1, scale=scale, enable_gqa=shape.group > 1
         )
     layout = Dense().plan(q_lens, kv_lens, shape.num_heads, shape.num_kv_heads, causal=causal)
-    return _finish(*block_sparse_attention_torch(q, k, v, layout, scale, need_lse=return_lse), return_lse)
+    return _run_layout(q, k, v, layout, scale, return_lse, backend)
 
 
 def sparse_attention(
@@ -87,15 +143,15 @@ def sparse_attention(
     shape = check_qkv(q, k, v)
     sc = check_scale(scale, shape.head_dim)
     ql, kvl = resolve_lengths(shape, q_lens, kv_lens, causal)
-    select_backend(backend, q.device)
+    chosen = select_backend(backend, q.device, q.dtype)
     methods = resolve_layer(method, layer_idx, shape.num_heads)
     if isinstance(method, SparseAttentionConfig) and shape.batch and int(kvl.max()) < method.min_seq_len:
         GLOBAL_FALLBACKS.record("min_seq_len", strict=method.strict)
         methods = [None] * shape.num_heads
     layout = plan_heads(methods, ql, kvl, shape.num_kv_heads, causal)
     if layout is None:
-        return _dense(q, k, v, shape, ql, kvl, causal, sc, return_lse)
-    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc, need_lse=return_lse), return_lse)
+        return _dense(q, k, v, shape, ql, kvl, causal, sc, return_lse, chosen)
+    return _run_layout(q, k, v, layout, sc, return_lse, chosen)
 
 
 def block_sparse_attention(
@@ -118,8 +174,8 @@ def block_sparse_attention(
         raise LayoutError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     layout.validate()
     layout.check_fits(shape.batch, shape.q_len, shape.kv_len, shape.num_heads, shape.num_kv_heads)
-    select_backend(backend, q.device)
-    return _finish(*block_sparse_attention_torch(q, k, v, layout, sc, need_lse=return_lse), return_lse)
+    chosen = select_backend(backend, q.device, q.dtype)
+    return _run_layout(q, k, v, layout, sc, return_lse, chosen)
 
 
 def token_sparse_attention(
@@ -155,5 +211,19 @@ def token_sparse_attention(
     selection.validate(kvl)
     if selection.indices.device != q.device and selection.indices.device.type != "cpu":
         raise LayoutError(f"selection is on {selection.indices.device}, q on {q.device}")
-    select_backend(backend, q.device)
+    if select_backend(backend, q.device, q.dtype) == "triton":
+        out, lse = _triton("sparse_decode").token_decode(
+            q,
+            k,
+            v,
+            selection.indices.to(q.device),
+            selection.counts.to(q.device),
+            None if selection.log_weights is None else selection.log_weights.to(q.device, torch.float32),
+            ql.to(q.device),
+            kvl.to(q.device),
+            causal=causal,
+            scale=sc,
+            return_lse=True,
+        )
+        return _finish(out, lse, return_lse)
     return _finish(*token_sparse_attention_torch(q, k, v, selection, sc, causal, ql, kvl), return_lse)

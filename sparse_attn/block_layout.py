@@ -18,7 +18,7 @@ The layout's head axis H is 1 (shared), Hkv (a GQA group shares its KV head's ro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -129,6 +129,23 @@ class BlockLayout:
     @property
     def max_k(self) -> int:
         return int(self.kv_indices.shape[3])
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        """The same layout with every tensor on ``device`` (move once, run many)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            kv_indices=self.kv_indices.to(device),
+            kv_counts=self.kv_counts.to(device),
+            full=self.full.to(device),
+            q_lens=self.q_lens.to(device),
+            kv_lens=self.kv_lens.to(device),
+            sink_tokens=move(self.sink_tokens),
+            window_tokens=move(self.window_tokens),
+        )
 
     def geometry(self, b: int) -> TileGeometry:
         return TileGeometry(int(self.q_lens[b]), int(self.kv_lens[b]), self.block_q, self.block_k)

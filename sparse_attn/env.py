@@ -2,7 +2,8 @@
 
 | variable | values | effect |
 |---|---|---|
-| ``SPARSE_ATTN_BACKEND`` | ``auto`` (default), ``torch`` | kernel backend when a call passes ``backend="auto"`` |
+| ``SPARSE_ATTN_BACKEND`` | ``auto`` (default), ``torch``, ``triton`` | kernel backend when a call passes ``backend="auto"`` |
+| ``TRITON_INTERPRET`` | ``1`` | lets the Triton backend run on CPU tensors in Triton's interpreter (tests only) |
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ from dataclasses import dataclass
 
 from .errors import BackendError
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
 class Settings:
     backend: str = "auto"
+    triton_interpret: bool = False
 
 
 def read_settings() -> Settings:
     backend = os.environ.get("SPARSE_ATTN_BACKEND", "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise BackendError(f"SPARSE_ATTN_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    return Settings(backend=backend)
+    return Settings(backend=backend, triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1")

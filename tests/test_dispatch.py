@@ -12,6 +12,9 @@ from oracle import dense_attention as oracle_attention
 import sparse_attn as sa
 from sparse_attn import api
 
+# S2 configs here are deliberately small; their coverage warning is tested elsewhere.
+pytestmark = pytest.mark.filterwarnings("ignore::sparse_attn.CoverageWarning")
+
 
 def _qkv(b=1, hq=4, hkv=2, sq=70, skv=70, d=32, dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
@@ -140,3 +143,75 @@ def test_unknown_method_type_is_a_config_error():
     q, k, v = _qkv()
     with pytest.raises(sa.ConfigError, match="method"):
         sa.sparse_attention(q, k, v, "s2")
+
+
+# ----------------------------------------------------------------------------- triton dispatch
+# Under TRITON_INTERPRET=1 (set by conftest) the Triton backend runs on CPU tensors: the dispatch
+# must route every entry point to the kernels and give what the torch path gives.
+TRITON_METHODS = {
+    "S2": sa.S2(block_size=16, local_blocks=2, vert_stride=2),
+    "SinkLocal": sa.SinkLocal(sink_tokens=3, window_tokens=20, block_size=16),
+    "MoA": sa.MoA(
+        alphas=[[8.0, 30.0, 12.0, 50.0]],
+        betas=[[0.1, 0.0, 0.2, 0.05]],
+        sink_tokens=2,
+        min_span=4,
+        block_size=16,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TRITON_METHODS))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_triton_backend_matches_torch(name, causal):
+    q, k, v = _qkv(b=2, hq=4, hkv=2, sq=37, skv=75)
+    kv_lens = [75, 50]
+    kwargs = dict(causal=causal, kv_lens=kv_lens, return_lse=True, q_lens=[37, 29] if causal else None)
+    ref, ref_lse = sa.sparse_attention(q, k, v, TRITON_METHODS[name], backend="torch", **kwargs)
+    out, lse = sa.sparse_attention(q, k, v, TRITON_METHODS[name], backend="triton", **kwargs)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=2e-5, rtol=0)
+
+
+def test_triton_backend_from_the_environment_and_plan_once(monkeypatch):
+    q, k, v = _qkv(hq=4, hkv=1, sq=1, skv=90)
+    layout = TRITON_METHODS["S2"].plan(1, 90, 4, 1)
+    ref = sa.block_sparse_attention(q, k, v, layout, backend="torch")
+    monkeypatch.setenv("SPARSE_ATTN_BACKEND", "triton")
+    torch.testing.assert_close(sa.block_sparse_attention(q, k, v, layout), ref, atol=2e-5, rtol=0)
+
+
+def test_triton_token_decode_matches_torch():
+    q, k, v = _qkv(b=2, hq=4, hkv=2, sq=1, skv=60)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.sort(torch.randperm(50, generator=g)[:12]).values for _ in range(4)]).view(
+        2, 2, 12
+    )
+    sel = sa.TokenSelection(idx, torch.tensor([[12, 5], [0, 12]]), torch.randn(2, 2, 12, generator=g))
+    ref, ref_lse = sa.token_sparse_attention(q, k, v, sel, kv_lens=[60, 50], return_lse=True, backend="torch")
+    out, lse = sa.token_sparse_attention(q, k, v, sel, kv_lens=[60, 50], return_lse=True, backend="triton")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))  # the empty selection stays empty
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(sa.BackendError, match="CUDA"):
+        sa.sparse_attention(q, k, v, TRITON_METHODS["S2"], backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(sa.BackendError, match="CUDA"):
+        sa.sparse_attention(q, k, v, TRITON_METHODS["S2"], backend="triton")
+
+
+def test_triton_backend_refuses_float64():
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.raises(sa.BackendError, match="float64"):
+        sa.sparse_attention(q, k, v, TRITON_METHODS["S2"], backend="triton")
+
+
+def test_auto_backend_on_cpu_is_torch_even_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(api, "_logged_choices", set())
+    assert api.select_backend("auto", torch.device("cpu")) == "torch"
