@@ -1,6 +1,8 @@
 """The ``sparse-attn`` command line.
 
     sparse-attn bench throughput [--quick] [--lengths 4k,16k,32k] [--decode-lengths 16k,32k,64k]
+    sparse-attn bench kernels [--quick] [--lengths 8k,32k] [--decode-lengths 32k,256k] [--no-flex]
+    sparse-attn bench report JSON [--readme README.md]
                                  [--json PATH] [--repeats N] [--threads N] [--flex/--no-flex]
 
 Subcommands import what they need when they run; importing this module has no side effects.
@@ -106,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.set_defaults(handler=_cmd_bench_throughput)
 
+    kp = bench_sub.add_parser(
+        "kernels",
+        help="GPU kernel benchmark: Triton prefill and decode vs SDPA / FlexAttention (needs CUDA)",
+        description="Triton block-sparse prefill (8k-128k, Llama-3-8B-like heads, bf16) against SDPA, "
+        "FlexAttention with the same BlockMask and flash-attn when installed; Triton sparse decode "
+        "(32k-256k caches) against SDPA decode. Writes JSON under bench/results/.",
+    )
+    kp.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    kp.add_argument("--lengths", type=_length_list, default=None, metavar="8k,32k", help="prefill lengths")
+    kp.add_argument(
+        "--decode-lengths", type=_length_list, default=None, metavar="32k,256k", help="decode cache lengths"
+    )
+    kp.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it recompiles per case)")
+    kp.set_defaults(handler=_cmd_bench_kernels)
+
     rp = bench_sub.add_parser(
         "report",
         help="print a benchmark JSON as markdown (optionally rewrite the README's results block)",
@@ -116,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.set_defaults(handler=_cmd_bench_report)
     return parser
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sparse-attn bench kernels needs a CUDA GPU (none is visible)", file=sys.stderr)
+        return 2
+    prefill = _import_bench("kernels")
+    decode = _import_bench("kernels_decode")
+    result = prefill.run_kernels(
+        lengths=args.lengths, quick=args.quick, flex=not args.no_flex, log=lambda m: print(m, file=sys.stderr)
+    )
+    path = prefill.write_json(result, prefill.default_json_path(args.quick, gpu_name=result["device"]))
+    print(prefill.format_table(result))
+    print(f"wrote {path}")
+    gpu = torch.cuda.get_device_name()
+    dec = decode.run_decode(
+        args.quick,
+        lengths=args.decode_lengths,
+        json_path=str(decode.default_json_path(gpu, args.quick)),
+    )
+    print(decode.format_table(dec))
+    failed = prefill.has_failures(result) or any(r["status"] != "ok" for r in dec["rows"])
+    return 1 if failed else 0
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:

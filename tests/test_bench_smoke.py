@@ -186,3 +186,9 @@ def test_report_renders_every_row_and_rewrites_only_the_readme_block(tmp_path, c
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="bench-table"):
         report.update_readme(readme, json_path)
+
+
+def test_kernels_benchmark_refuses_to_run_without_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "kernels", "--quick"]) == 2
+    assert "CUDA" in capsys.readouterr().err
