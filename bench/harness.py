@@ -8,6 +8,7 @@ file: machine, versions, git commit and a UTC timestamp.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -200,3 +201,36 @@ def environment() -> dict[str, Any]:
         "git_commit": git_commit(),
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    """One line naming an exception, for a row's status."""
+    text = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def finite(x: Any) -> Any:
+    """Make a value JSON-safe: non-finite floats become None (recursively)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (int, str)):
+        return finite(x.tolist())
+    return x
+
+
+def method_params(method: Any) -> dict[str, Any]:
+    """A method's parameters for a row: its to_dict(), or its dataclass fields."""
+    try:
+        d = dict(method.to_dict())
+    except Exception:  # a method without to_dict still gets a row
+        d = (
+            {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+            if dataclasses.is_dataclass(method)
+            else {}
+        )
+    return finite(d)

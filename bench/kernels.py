@@ -175,31 +175,6 @@ def _shape(n: int) -> dict[str, Any]:
     return {"B": BATCH, "Hq": HQ, "Hkv": HKV, "Sq": n, "Skv": n, "D": HEAD_DIM, "dtype": "bfloat16"}
 
 
-def _short_error(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    msg = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _finite(x.tolist())
-    return x
-
-
-def _method_params(method: Any) -> dict[str, Any]:
-    try:
-        return _finite(dict(method.to_dict()))
-    except Exception:
-        return {}
-
-
 def time_cuda(
     fn: Callable[[], Any],
     *,
@@ -464,7 +439,7 @@ def _row(op: str, method: str, label: str, n: int, **extra: Any) -> dict[str, An
 
 
 def _fail(row: dict[str, Any], exc: BaseException, prefix: str = "error") -> None:
-    row["status"] = f"{prefix}: {_short_error(exc)}"
+    row["status"] = f"{prefix}: {harness.short_error(exc)}"
     row["time_ms"] = None
 
 
@@ -554,7 +529,7 @@ def _bench_length(
         layout = None
         try:
             method = case.build(n, block)
-            row["params"] = _method_params(method)
+            row["params"] = harness.method_params(method)
             key = (case.method, case.label)
             if key not in checks:  # the recipe at the small check length, once per case
                 checks[key] = check_triton(case.build(check_len, block), check_len, device)
@@ -807,7 +782,7 @@ def run_kernels(
             )
             torch.cuda.empty_cache()
     _add_speedups(rows)
-    return _finite(
+    return harness.finite(
         {
             "schema_version": SCHEMA_VERSION,
             "benchmark": "kernels",

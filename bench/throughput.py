@@ -21,7 +21,6 @@ Speedups are against the dense baseline of the same mode and length in the same 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import math
@@ -198,37 +197,6 @@ def _shape(sq: int, skv: int) -> dict[str, Any]:
     return {"B": BATCH, "Hq": HQ, "Hkv": HKV, "Sq": sq, "Skv": skv, "D": HEAD_DIM, "dtype": "float32"}
 
 
-def _short_error(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()
-    msg = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def _finite(x: Any) -> Any:
-    """Make a value JSON-safe: non-finite floats become None (recursively)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _finite(x.tolist())
-    return x
-
-
-def _method_params(method: Any) -> dict[str, Any]:
-    try:
-        d = dict(method.to_dict())
-    except Exception:  # a method without to_dict still gets a row
-        d = (
-            {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
-            if dataclasses.is_dataclass(method)
-            else {}
-        )
-    return _finite(d)
-
-
 def _compare(out: torch.Tensor, ref: torch.Tensor, base_err: float) -> tuple[bool, float, float]:
     """(ok, max_abs_err, tol): tolerance relative to the fp32 error of the same masked computation."""
     tol = max(16.0 * base_err, 1e-5)
@@ -273,7 +241,7 @@ def check_static(method: Any, sq: int, skv: int) -> dict[str, Any]:
     return {
         "ok": ok1 and ok2,
         "shape": [sq, skv],
-        "params": _method_params(method),
+        "params": harness.method_params(method),
         "max_abs_err": err,
         "tol": tol,
     }
@@ -475,7 +443,7 @@ class _Runner:
         return out
 
     def fail(self, row: dict[str, Any], exc: BaseException, prefix: str = "error") -> None:
-        row["status"] = f"{prefix}: {_short_error(exc)}"
+        row["status"] = f"{prefix}: {harness.short_error(exc)}"
         row["time_ms"] = None
         row["speedup_vs_dense"] = None
 
@@ -541,7 +509,7 @@ def _bench_prefill(n: int, runner: _Runner, flex: bool) -> list[dict[str, Any]]:
         layout = None
         try:
             method = case.build(n)
-            row["params"] = _method_params(method)
+            row["params"] = harness.method_params(method)
             if case.method == "s2":
                 row["params"]["covers_full_context"] = bool(method.covers_full_context(HKV))
             # the recipe at the small length (sparse there too) and the benchmarked config itself
@@ -680,7 +648,7 @@ def _bench_decode(n: int, runner: _Runner) -> list[dict[str, Any]]:
         )
         try:
             method = case.build(n)
-            row["params"] = _method_params(method)
+            row["params"] = harness.method_params(method)
             checks = [check_static(case.build(check_len), 1, check_len), check_static(method, 1, check_len)]
             row["check"] = {"ok": all(c["ok"] for c in checks), "checks": checks}
             if not row["check"]["ok"]:
@@ -897,7 +865,7 @@ def run(
     env["machine"]["load_avg_end"] = harness.load_avg()
     env["machine"]["other_processes_cpu_fraction"] = other_load.stop()
 
-    return _finite(
+    return harness.finite(
         {
             "schema_version": SCHEMA_VERSION,
             "benchmark": "throughput",
