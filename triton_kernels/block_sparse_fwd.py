@@ -12,6 +12,9 @@ Query tiles are absolute: tile ``t`` of row ``b`` is the query block ``q_start /
 decode are exact). Rows outside ``[0, q_len)`` of the query tensor get out 0 and lse -inf, as do rows
 that see no key.
 
+K/V are contiguous ``[B, Hkv, Skv, D]`` or, with ``block_table``/``page_size``, a vLLM V1 paged cache
+``[num_pages, page_size, Hkv, D]`` (a constexpr ``PAGED`` flag: the contiguous path's code is unchanged).
+
 This module imports nothing from the rest of the project: plain tensors and ints in, tensors out.
 Sequence lengths are runtime values (loaded from ``q_lens``/``kv_lens`` inside the kernel), so new
 lengths never trigger a recompile.
@@ -55,14 +58,15 @@ _FLOOR_SHIFT = 40
         "stride_wh",
         "stride_sb",
         "stride_sh",
+        "stride_btb",
         "n_q_rows",
         "n_layout_tiles",
     ]
 )
 def block_sparse_fwd_kernel(
     Q,  # [B, Hq, Sq, D]
-    K,  # [B, Hkv, Skv, D]
-    V,  # [B, Hkv, Skv, Dv]
+    K,  # [B, Hkv, Skv, D], or paged (PAGED) [num_pages, page_size, Hkv, D]
+    V,  # [B, Hkv, Skv, Dv], or paged [num_pages, page_size, Hkv, Dv]
     Out,  # [B, Hq, Sq, Dv]
     Lse,  # [B, Hq, Sq] float32 (unused unless STORE_LSE)
     KvIdx,  # [B, H, NT, MK] int32/int64, last dim contiguous
@@ -72,12 +76,13 @@ def block_sparse_fwd_kernel(
     KvLens,  # [B]
     Sink,  # [B, H] int64 (unused unless HAS_WINDOW)
     Window,  # [B, H] int64
+    BlockTable,  # [B, max_pages] int32/int64 (unused unless PAGED)
     stride_qb,
     stride_qh,
     stride_qs,
-    stride_kb,
+    stride_kb,  # paged: page stride
     stride_kh,
-    stride_ks,
+    stride_ks,  # paged: slot stride
     stride_vb,
     stride_vh,
     stride_vs,
@@ -99,6 +104,7 @@ def block_sparse_fwd_kernel(
     stride_wh,
     stride_sb,
     stride_sh,
+    stride_btb,
     n_head_groups,  # Hq // HEADS
     group_size,
     layout_div,
@@ -115,6 +121,8 @@ def block_sparse_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    PAGED: tl.constexpr,  # K/V through BlockTable (vLLM V1 paged cache)
+    PAGE_SIZE: tl.constexpr,  # keys per page (1 unless PAGED; fixed per model, so no recompiles)
     DOT_FP32: tl.constexpr,  # interpreter: bf16 tl.dot is wrong there, so every dot runs in fp32
     IEEE_DOT: tl.constexpr,  # fp32 inputs: full-precision dots (no tf32), like torch's default
     FLOOR_SHIFT: tl.constexpr,
@@ -160,8 +168,13 @@ def block_sparse_fwd_kernel(
         if DOT_FP32:
             q = q.to(tl.float32)
 
-        k_base = K + b * stride_kb + kvh * stride_kh
-        v_base = V + b * stride_vb + kvh * stride_vh
+        if PAGED:
+            k_base = K + kvh * stride_kh
+            v_base = V + kvh * stride_vh
+            bt_base = BlockTable + b * stride_btb
+        else:
+            k_base = K + b * stride_kb + kvh * stride_kh
+            v_base = V + b * stride_vb + kvh * stride_vh
         count = tl.load(KvCnt + b * stride_cb + lh * stride_ch + t64 * stride_ct)
         idx_base = KvIdx + b * stride_ib + lh * stride_ih + t64 * stride_it
         full_base = Full + b * stride_fb + lh * stride_fh + t64 * stride_ft
@@ -177,8 +190,16 @@ def block_sparse_fwd_kernel(
             is_full = tl.load(full_base + s)
             cols = kb * BLOCK_K + offs_k  # [BLOCK_K] key positions
             col_ok = cols < kv_len
+            if PAGED:  # key j at page BlockTable[b, j // PAGE_SIZE], slot j % PAGE_SIZE
+                page = tl.load(bt_base + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+                slot = cols % PAGE_SIZE
+                k_off = (page * stride_kb + slot * stride_ks)[None, :]
+                v_off = (page * stride_vb + slot * stride_vs)[:, None]
+            else:
+                k_off = cols[None, :] * stride_ks
+                v_off = cols[:, None] * stride_vs
             k = tl.load(
-                k_base + cols[None, :] * stride_ks + offs_d[:, None],
+                k_base + k_off + offs_d[:, None],
                 mask=col_ok[None, :] & d_ok[:, None],
                 other=0.0,
             )  # [BLOCK_D, BLOCK_K]
@@ -206,7 +227,7 @@ def block_sparse_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
-                v_base + cols[:, None] * stride_vs + offs_dv[None, :],
+                v_base + v_off + offs_dv[None, :],
                 mask=col_ok[:, None] & dv_ok[None, :],
                 other=0.0,
             )  # [BLOCK_K, BLOCK_DV]
@@ -298,10 +319,18 @@ def _launch_block_sparse_fwd(
     heads_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_table: torch.Tensor | None = None,
+    page_size: int = 1,
 ) -> None:
-    """Typed launcher: picks the grid and the tile config and passes every argument by keyword."""
+    """Typed launcher: picks the grid and the tile config and passes every argument by keyword.
+    With ``block_table``, k/v are paged caches [num_pages, page_size, Hkv, D]."""
     b, hq, sq, d = q.shape
-    hkv = k.shape[1]
+    paged = block_table is not None
+    hkv = k.shape[2] if paged else k.shape[1]
+    # (batch or page, head, token or slot) strides
+    k_strides = (k.stride(0), k.stride(2), k.stride(1)) if paged else (k.stride(0), k.stride(1), k.stride(2))
+    v_strides = (v.stride(0), v.stride(2), v.stride(1)) if paged else (v.stride(0), v.stride(1), v.stride(2))
+    bt = block_table if paged else q_lens
     dv = v.shape[3]
     h_layout = kv_indices.shape[1]
     group = hq // hkv
@@ -339,15 +368,16 @@ def _launch_block_sparse_fwd(
         KvLens=kv_lens,
         Sink=sink_t,
         Window=window_t,
+        BlockTable=bt,
         stride_qb=q.stride(0),
         stride_qh=q.stride(1),
         stride_qs=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kh=k.stride(1),
-        stride_ks=k.stride(2),
-        stride_vb=v.stride(0),
-        stride_vh=v.stride(1),
-        stride_vs=v.stride(2),
+        stride_kb=k_strides[0],
+        stride_kh=k_strides[1],
+        stride_ks=k_strides[2],
+        stride_vb=v_strides[0],
+        stride_vh=v_strides[1],
+        stride_vs=v_strides[2],
         stride_ob=out.stride(0),
         stride_oh=out.stride(1),
         stride_os=out.stride(2),
@@ -366,6 +396,7 @@ def _launch_block_sparse_fwd(
         stride_wh=sw_strides[1],
         stride_sb=ss_strides[0],
         stride_sh=ss_strides[1],
+        stride_btb=bt.stride(0) if paged else 0,
         n_head_groups=hq // heads,
         group_size=group,
         layout_div=layout_div,
@@ -382,6 +413,8 @@ def _launch_block_sparse_fwd(
         CAUSAL=bool(causal),
         HAS_WINDOW=has_window,
         STORE_LSE=lse is not None,
+        PAGED=paged,
+        PAGE_SIZE=page_size if paged else 1,
         DOT_FP32=interpret,
         IEEE_DOT=q.dtype == torch.float32,
         FLOOR_SHIFT=_FLOOR_SHIFT,
@@ -437,6 +470,32 @@ def _host_lengths_check(
         raise ValueError(f"the lengths need {int(tiles.max())} query tiles of {block_q}; kv_indices has {nt}")
 
 
+def _check_page_table(
+    block_table: torch.Tensor, kv_lens: torch.Tensor, page_size: int, num_pages: int, capacity: int
+) -> None:
+    """Every page a row uses (``ceil(kv_len / page_size)`` of them) is in ``[0, num_pages)`` and
+    ``kv_len <= capacity``. One host sync when the tensors are on a GPU; skipped during CUDA graph
+    capture."""
+    bt = block_table
+    if bt.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    kl = kv_lens.to(device=bt.device, dtype=torch.int64)
+    bad_len = (kl > capacity).any()
+    need = (kl.clamp(0, capacity) + page_size - 1) // page_size  # [B] pages used
+    used = torch.arange(bt.shape[1], device=bt.device)[None, :] < need[:, None]
+    bad_page = (used & ((bt < 0) | (bt >= num_pages))).any()
+    flags = torch.stack([bad_len, bad_page]).cpu().tolist()
+    if flags[0]:
+        raise ValueError(
+            f"kv_lens {kv_lens.tolist()} exceed the paged cache's capacity "
+            f"(block_table max_pages * page_size = {capacity})"
+        )
+    if flags[1]:
+        raise ValueError(
+            f"block_table has entries outside [0, num_pages={num_pages}) in the pages that kv_lens use"
+        )
+
+
 def block_sparse_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -459,6 +518,8 @@ def block_sparse_fwd(
     heads_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_table: torch.Tensor | None = None,
+    page_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention forward over a BlockLayout's tensors.
 
@@ -485,6 +546,15 @@ def block_sparse_fwd(
     fp32 inputs use full-precision (non-tf32) dots. Layout tensors on another device than q are copied
     to q's device on every call: keep them there. Runs on CUDA tensors, or on CPU tensors under
     ``TRITON_INTERPRET=1`` (tests only; every dot is done in fp32 there).
+
+    Paged KV (vLLM V1 layout): with ``block_table [B, max_pages]`` (int32/int64) and ``page_size``,
+    k/v are ``key_cache [num_pages, page_size, Hkv, D]`` / ``value_cache [num_pages, page_size, Hkv, Dv]``
+    and logical key j of row b is at page ``block_table[b, j // page_size]``, slot ``j % page_size``
+    (each key's page is looked up, so a key block may span several pages or part of one). ``block_k``
+    must be a multiple of ``page_size`` or ``page_size`` a multiple of ``block_k`` (every key block
+    covers whole pages or lies inside one). kv_lens must fit ``max_pages * page_size``; the pages each
+    row uses (``ceil(kv_len / page_size)``) must be in ``[0, num_pages)``, checked on the host (one
+    device sync unless the tensors are on the CPU; skipped during CUDA graph capture) -> ValueError.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -506,11 +576,37 @@ def block_sparse_fwd(
             "CPU, or set TRITON_INTERPRET=1 (tests only) to run the kernel in the Triton interpreter"
         )
     b, hq, sq, d = q.shape
-    _, hkv, skv, dk = k.shape
+    paged = block_table is not None
+    num_pages = 0
+    if paged:
+        if page_size is None:
+            raise ValueError("page_size is required with block_table")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        num_pages, ps, hkv, dk = k.shape
+        if ps != page_size or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+            raise ValueError(
+                f"paged k/v must be [num_pages, page_size={page_size}, Hkv, D]; got k {tuple(k.shape)}, "
+                f"v {tuple(v.shape)}"
+            )
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != b:
+            raise ValueError(
+                f"block_table must be a tensor of shape [B={b}, max_pages], got "
+                f"{tuple(getattr(block_table, 'shape', ())) or type(block_table).__name__}"
+            )
+        if block_table.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"block_table must be int32 or int64, got {block_table.dtype}")
+        if kv_lens is None:
+            raise ValueError("kv_lens is required with a paged cache (block_table)")
+        skv = block_table.shape[1] * page_size  # the cache capacity of a row
+    else:
+        if page_size is not None:
+            raise ValueError("page_size is only valid together with block_table")
+        _, hkv, skv, dk = k.shape
     dv = v.shape[3]
     if dk != d:
         raise ValueError(f"q and k must share head_dim, got q={d}, k={dk}")
-    if tuple(v.shape[:3]) != (b, hkv, skv) or k.shape[0] != b:
+    if not paged and (tuple(v.shape[:3]) != (b, hkv, skv) or k.shape[0] != b):
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
@@ -525,6 +621,10 @@ def block_sparse_fwd(
             )
     block_q = _check_pow2_block(block_q, "block_q")
     block_k = _check_pow2_block(block_k, "block_k")
+    if paged and block_k % page_size and page_size % block_k:
+        raise ValueError(
+            f"block_k={block_k} must be a multiple of page_size={page_size} or page_size a multiple of block_k"
+        )
     if not isinstance(kv_indices, torch.Tensor) or kv_indices.dim() != 4:
         raise ValueError("kv_indices must be a 4-D tensor [B, H, NT, MK]")
     _, h_layout, nt, mk = kv_indices.shape
@@ -551,6 +651,8 @@ def block_sparse_fwd(
         scale = 1.0 / math.sqrt(d)
     if q_lens.device.type == "cpu" and kv_lens.device.type == "cpu":
         _host_lengths_check(q_lens, kv_lens, sq, skv, nt, block_q, causal)
+    if paged:
+        _check_page_table(block_table, kv_lens, page_size, num_pages, skv)
 
     dev = q.device
     if out is None:
@@ -598,6 +700,9 @@ def block_sparse_fwd(
     if window_tokens is not None:
         sink_d = on_dev(sink_tokens, torch.int64)
         window_d = on_dev(window_tokens, torch.int64)
+    bt_d = None
+    if paged:
+        bt_d = _nonempty(on_dev(block_table).contiguous())
     # Grid: enough tiles for the layout's tiles and for clearing every padding row.
     grid_tiles = max(nt, triton.cdiv(sq, block_q))
     _launch_block_sparse_fwd(
@@ -622,5 +727,7 @@ def block_sparse_fwd(
         heads_per_program=heads_per_program,
         num_warps=num_warps,
         num_stages=num_stages,
+        block_table=bt_d,
+        page_size=page_size or 1,
     )
     return out, lse
