@@ -19,6 +19,17 @@ class TokenSelection:
     counts: torch.Tensor
     log_weights: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        for name, t in (("indices", self.indices), ("counts", self.counts)):
+            if not isinstance(t, torch.Tensor):
+                raise LayoutError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if self.indices.dim() != 3:
+            raise LayoutError(f"indices must have shape [B, H, k_max], got {tuple(self.indices.shape)}")
+        if self.log_weights is not None and not isinstance(self.log_weights, torch.Tensor):
+            raise LayoutError(
+                f"log_weights must be a torch.Tensor or None, got {type(self.log_weights).__name__}"
+            )
+
     @property
     def batch_size(self) -> int:
         return int(self.indices.shape[0])

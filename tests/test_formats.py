@@ -480,3 +480,21 @@ def test_config_dict_errors():
     bad_layer["layers"] = {"-1": None}
     with pytest.raises(ConfigError):
         sa.SparseAttentionConfig.from_dict(bad_layer)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(indices=[[[0, 1]]], counts=torch.tensor([[2]])), "indices"),
+        (dict(indices=torch.tensor([[[0, 1]]]), counts=[[2]]), "counts"),
+        (dict(indices=torch.tensor([0, 1]), counts=torch.tensor([[2]])), "indices"),
+        (
+            dict(indices=torch.tensor([[[0, 1]]]), counts=torch.tensor([[2]]), log_weights=[[[0.0, 0.0]]]),
+            "log_weights",
+        ),
+    ],
+    ids=["indices-list", "counts-list", "indices-1d", "log_weights-list"],
+)
+def test_token_selection_rejects_malformed_fields_at_construction(kwargs, name):
+    with pytest.raises(LayoutError, match=name):
+        TokenSelection(**kwargs)
