@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import flex as flex_baseline
 from . import harness, memory
 
 SCHEMA_VERSION = 1
@@ -290,115 +291,6 @@ def _check_sdpa(sq: int, skv: int) -> dict[str, Any]:
 # FlexAttention over the same layout
 
 
-_COMPILED_FLEX: Any = None
-
-
-FLEX_RECOMPILE_LIMIT = 64
-
-
-def _compiled_flex() -> Any:
-    """``torch.compile(flex_attention)``, called with dynamo settings that make a recompile-limit
-    hit raise instead of silently running flex eagerly (eager flex materialises the full
-    [B, H, Sq, Skv] score matrix). Every case (new BlockMask closure or length) recompiles, and
-    the default limit (8) is reached within one run."""
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        import torch._dynamo.config as dynamo_config
-        from torch.nn.attention.flex_attention import flex_attention
-
-        compiled = torch.compile(flex_attention, dynamic=False)
-        settings = {
-            name: value
-            for name, value in (
-                ("recompile_limit", FLEX_RECOMPILE_LIMIT),
-                ("cache_size_limit", FLEX_RECOMPILE_LIMIT),
-                ("fail_on_recompile_limit_hit", True),
-            )
-            if hasattr(dynamo_config, name)
-        }
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with dynamo_config.patch(**settings):
-                return compiled(*args, **kwargs)
-
-        _COMPILED_FLEX = call
-    return _COMPILED_FLEX
-
-
-def _pack_blocks(idx: torch.Tensor, sel: torch.Tensor, n_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pack the selected entries of ``idx`` (ascending) into [..., n_kv_blocks] int32."""
-    maxk = idx.shape[-1]
-    num = sel.sum(-1)
-    key = torch.where(sel, idx, idx + n_kv_blocks + 1)
-    order = key.argsort(dim=-1, stable=True)
-    packed = torch.gather(idx, -1, order)
-    packed = torch.where(torch.arange(maxk) < num.unsqueeze(-1), packed, torch.zeros_like(packed))
-    out = torch.zeros(*idx.shape[:-1], n_kv_blocks, dtype=torch.int32)
-    w = min(maxk, n_kv_blocks)
-    out[..., :w] = packed[..., :w].to(torch.int32)
-    return num.to(torch.int32), out
-
-
-def layout_to_block_mask(layout: Any, num_heads: int, q_len: int, kv_len: int) -> Any:
-    """A FlexAttention BlockMask visiting the same blocks as a BlockLayout (partial blocks get the
-    element mask: causal plus the layout's sink/window constraints)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    idx = layout.kv_indices.to(torch.int64)
-    counts = layout.kv_counts.to(torch.int64)
-    full = layout.full.to(torch.bool)
-    h = idx.shape[1]
-    if h not in (1, num_heads):
-        rep = num_heads // h
-        idx, counts, full = (t.repeat_interleave(rep, dim=1) for t in (idx, counts, full))
-    n_kv_blocks = -(-kv_len // int(layout.block_k))
-    valid = torch.arange(idx.shape[-1]) < counts.unsqueeze(-1)
-    kv_num, kv_idx = _pack_blocks(idx, valid & ~full, n_kv_blocks)
-    full_num, full_idx = _pack_blocks(idx, valid & full, n_kv_blocks)
-
-    # The element rule also checks the block table, so the mask is exact on any flex path (eager
-    # flex evaluates mask_mod everywhere and ignores the block lists).
-    table = torch.zeros(idx.shape[0], idx.shape[1], idx.shape[2], n_kv_blocks + 1, dtype=torch.bool)
-    table.scatter_(-1, torch.where(valid, idx, torch.full_like(idx, n_kv_blocks)), True)
-    table = table[..., :n_kv_blocks].expand(-1, num_heads, -1, -1).contiguous()  # [B, Hq, nqb, nkb]
-    bq, bk = int(layout.block_q), int(layout.block_k)
-    q_block0 = (kv_len - q_len) // bq  # query tile t is absolute query block q_block0 + t
-    offset = kv_len - q_len
-    causal = bool(layout.causal)
-
-    def _per_head(t: Any) -> torch.Tensor | None:
-        if t is None:
-            return None
-        t = torch.as_tensor(t, dtype=torch.int64).reshape(BATCH, -1)
-        return t.repeat_interleave(num_heads // t.shape[1], dim=1) if t.shape[1] != num_heads else t
-
-    sink = _per_head(getattr(layout, "sink_tokens", None))
-    window = _per_head(getattr(layout, "window_tokens", None))
-
-    def mask_mod(b: Any, hh: Any, q_idx: Any, kv_idx_: Any) -> Any:
-        p = q_idx + offset
-        m = table[b, hh, p // bq - q_block0, kv_idx_ // bk]
-        m = m & (kv_idx_ <= p) if causal else m
-        if sink is not None and window is not None:
-            m = m & ((kv_idx_ < sink[b, hh]) | (kv_idx_ > p - window[b, hh]))
-        return m
-
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=(bq, bk),
-        mask_mod=mask_mod,
-        seq_lengths=(q_len, kv_len),
-        compute_q_blocks=False,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# rows
-
-
 def _row(
     op: str, method: str, params: dict[str, Any], mode: str, sq: int, skv: int, **extra: Any
 ) -> dict[str, Any]:
@@ -574,8 +466,8 @@ def _bench_flex(
         row["status"] = "skipped: the sparse kernel row has no verified output to check against"
     else:
         try:
-            bm = layout_to_block_mask(layout, HQ, n, n)
-            fa = _compiled_flex()
+            bm = flex_baseline.layout_to_block_mask(layout, HQ, n, n)
+            fa = flex_baseline.compiled_flex()
 
             def fn() -> torch.Tensor:
                 return fa(q, k, v, block_mask=bm, enable_gqa=True)

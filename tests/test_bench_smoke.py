@@ -137,7 +137,7 @@ def test_layout_to_block_mask_matches_the_reference():
             warnings.simplefilter("ignore")
             layout = method.plan(n, n, 8, 2)
             mask = method.mask(n, n, 8, 2)
-            bm = tp.layout_to_block_mask(layout, 8, n, n)
+            bm = _bench_module("flex").layout_to_block_mask(layout, 8, n, n)
             out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
         ref, _ = reference_attention(q.double(), k.double(), v.double(), mask.unsqueeze(0))
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4, msg=str(method))
