@@ -158,7 +158,17 @@ class BlockLayout:
         return self.sink_tokens[b].to("cpu", torch.int64), self.window_tokens[b].to("cpu", torch.int64)
 
     def validate(self) -> BlockLayout:
-        """Raise LayoutError unless the layout is well formed; returns self for chaining."""
+        """Raise LayoutError unless the layout is well formed; returns self for chaining.
+
+        A layout that passed is remembered as valid (plan once, run many: the run step does not
+        re-check it); its tensors must not be modified in place afterwards."""
+        if self.__dict__.get("_validated"):
+            return self
+        self._check()
+        object.__setattr__(self, "_validated", True)
+        return self
+
+    def _check(self) -> None:
         _as_int_tensor(self.kv_indices, "kv_indices", 4)
         _as_int_tensor(self.kv_counts, "kv_counts", 3)
         _as_int_tensor(self.q_lens, "q_lens", 1)
@@ -215,7 +225,6 @@ class BlockLayout:
                 inc = ix[..., 1:] > ix[..., :-1]
                 if bool((~inc & u[..., 1:]).any()):
                     raise LayoutError(f"kv_indices of row {row} must be strictly increasing within kv_counts")
-        return self
 
     def _row_block_masks(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Visible and full flags per (head, tile, key block) of row b: bool [H, num_tiles, num_kv_blocks]."""

@@ -498,3 +498,28 @@ def test_config_dict_errors():
 def test_token_selection_rejects_malformed_fields_at_construction(kwargs, name):
     with pytest.raises(LayoutError, match=name):
         TokenSelection(**kwargs)
+
+
+def test_validation_is_remembered_only_when_it_passes(monkeypatch):
+    good = sa.SinkLocal(sink_tokens=2, window_tokens=9, block_size=4).plan(13, 13, 2)
+    assert good.validate() is good
+    monkeypatch.setattr(
+        BlockLayout, "_check", lambda self: (_ for _ in ()).throw(AssertionError("re-checked"))
+    )
+    assert good.validate() is good  # the run step does not re-check a planned layout
+    monkeypatch.undo()
+    bad = BlockLayout(
+        good.kv_indices.flip(-1).contiguous(),
+        good.kv_counts,
+        good.full,
+        4,
+        4,
+        good.q_lens,
+        good.kv_lens,
+        True,
+        good.sink_tokens,
+        good.window_tokens,
+    )
+    for _ in range(2):  # a failure is not remembered
+        with pytest.raises(LayoutError, match="increasing"):
+            bad.validate()
