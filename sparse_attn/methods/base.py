@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..block_layout import BlockLayout, TileGeometry, element_allowed
+from ..block_layout import NO_WINDOW, BlockLayout, TileGeometry, element_allowed
 from ..errors import ShapeError
 from ..validation import as_lengths, check_positive_int
 
@@ -241,7 +241,7 @@ def _stack_rows(
     full = torch.zeros(batch, h, nt, mk, dtype=torch.bool)
     windowed = any(r.window is not None for r in rows)
     sink = torch.zeros(batch, h, dtype=torch.int64) if windowed else None
-    window = torch.full((batch, h), 2**60, dtype=torch.int64) if windowed else None
+    window = torch.full((batch, h), NO_WINDOW, dtype=torch.int64) if windowed else None
     for b, r in enumerate(rows):
         t, k = r.indices.shape[1], r.indices.shape[2]
         indices[b, :, :t, :k] = r.indices
