@@ -5,6 +5,8 @@ prefill, TokenSelection for decode) that the kernels execute. Importing this pac
 effects: no CUDA calls, no environment writes, no optional dependency imports.
 """
 
+from typing import Any
+
 from .api import block_sparse_attention, sparse_attention, token_sparse_attention
 from .block_layout import BlockLayout
 from .config import SparseAttentionConfig
@@ -50,7 +52,33 @@ __all__ = [
     "block_sparse_attention",
     "fallback_counts",
     "merge_attention",
+    "patch",
     "reset_fallback_counts",
     "sparse_attention",
+    "stats",
     "token_sparse_attention",
+    "unpatch",
 ]
+
+
+def patch(model: Any, method_or_config: object, *, strict: bool | None = None, allow_untested: bool = False) -> Any:
+    """Make a transformers model use sparse attention (see ``sparse_attn.integrations.hf.patch``).
+
+    Needs transformers (``pip install 'sparse-attn[hf]'``), imported only when this is called."""
+    from .integrations.hf import patch as _patch
+
+    return _patch(model, method_or_config, strict=strict, allow_untested=allow_untested)
+
+
+def unpatch(model: Any) -> None:
+    """Restore a patched model's original attention (see ``sparse_attn.integrations.hf.unpatch``)."""
+    from .integrations.hf import unpatch as _unpatch
+
+    _unpatch(model)
+
+
+def stats(model: Any) -> dict[str, Any]:
+    """Sparse / dense / fallback call counts of a patched model (see ``sparse_attn.integrations.hf.stats``)."""
+    from .integrations.hf import stats as _stats
+
+    return _stats(model)

@@ -1,0 +1,44 @@
+"""Named configurations for ``sparse_attn.patch(model, "<name>")`` (the defaults of each method)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import SparseAttentionConfig
+from .errors import ConfigError
+from .methods import S2, BlockSparse, Dense, SinkLocal, StaticMethod
+
+PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
+    # Every key through the sparse kernels: the dense-equivalent check of an integration.
+    "dense": lambda: SparseAttentionConfig(default=Dense()),
+    # StreamingLLM: 4 sink tokens + 1020-token window.
+    "sink_local": lambda: SparseAttentionConfig(default=SinkLocal()),
+    # S2-Attention at its defaults (16 local blocks, vertical stride 8), meant for models trained with it.
+    "s2": lambda: SparseAttentionConfig(default=S2()),
+    # Block-granular A-shape: the first block plus 16 local blocks of 64 keys.
+    "a_shape": lambda: SparseAttentionConfig(default=BlockSparse(sink_blocks=1, local_blocks=16)),
+}
+
+
+def resolve_config(spec: object) -> SparseAttentionConfig:
+    """A SparseAttentionConfig from a config, a method, a preset name, a JSON file path or a dict."""
+    if isinstance(spec, SparseAttentionConfig):
+        return spec
+    if isinstance(spec, StaticMethod):
+        return SparseAttentionConfig(default=spec)
+    if isinstance(spec, dict):
+        return SparseAttentionConfig.from_dict(spec)
+    if isinstance(spec, Path) or (isinstance(spec, str) and (spec.endswith(".json") or Path(spec).is_file())):
+        return SparseAttentionConfig.load(spec)
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ConfigError(
+                f"unknown preset {spec!r}; presets are {sorted(PRESETS)} (or pass a method, a "
+                "SparseAttentionConfig or the path of a saved config .json)"
+            )
+        return PRESETS[spec]()
+    raise ConfigError(
+        "expected a method (e.g. sparse_attn.S2()), a SparseAttentionConfig, a preset name "
+        f"{sorted(PRESETS)} or a config .json path, got {type(spec).__name__}"
+    )
