@@ -138,16 +138,20 @@ def read_mask(
         if c0 < 0 or c0 + q_len > kv_len:
             return "unsupported_mask"
         key_start = seen_lo.clone()
-        if window is not None:
+        if window is not None and c0 > 0:
+            # A sliding window can hide where a row's padding ends, and HF's sliding-window caches
+            # drop keys that left the window (key index 0 is then no longer position 0). Position ids
+            # tell both apart.
+            starts = _starts_from_positions(position_ids, seen_lo, c0)
+            if starts is None:
+                return "no_position_ids"
+            starts = torch.where(kv_end > 0, starts, torch.zeros_like(starts))
+            if bool((starts < 0).any()):
+                return "cropped_cache"
             hidden = (seen_lo > 0) & (seen_lo <= c0) & (seen_lo == max(c0 - window + 1, 0))
-            if bool(hidden.any()):
-                starts = _starts_from_positions(position_ids, batch, q_len, c0)
-                if starts is None:
-                    return "ambiguous_padding"
-                ok = (starts >= 0) & (starts <= seen_lo)
-                if not bool(ok[hidden].all()):
-                    return "ambiguous_padding"
-                key_start = torch.where(hidden, starts, key_start)
+            if not bool((starts <= seen_lo)[hidden].all()):
+                return "ambiguous_padding"
+            key_start = torch.where(hidden, starts, key_start)
         key_start = torch.where(kv_end > 0, key_start, torch.zeros_like(key_start))
         q_first = torch.clamp(key_start - c0, min=0)
         q_lens = torch.clamp(kv_end - torch.clamp(key_start, min=c0), min=0)
@@ -180,15 +184,20 @@ def _scan(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _starts_from_positions(
-    position_ids: torch.Tensor | None, batch: int, q_len: int, c0: int
+    position_ids: torch.Tensor | None, seen_lo: torch.Tensor, c0: int
 ) -> torch.Tensor | None:
-    """Row starts implied by position ids (query 0 of row b sits at key c0, position pos[b, 0])."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != q_len or q_len == 0:
+    """Per row, the key index of position 0 implied by the position ids of its first real query
+    (row max(0, seen_lo - c0), at key index c0 + that row); None without usable position ids."""
+    if position_ids is None or position_ids.dim() != 2:
         return None
-    pos = position_ids[:, 0].to("cpu", torch.int64)
-    if pos.shape[0] not in (1, batch):
+    batch = seen_lo.shape[0]
+    if position_ids.shape[0] not in (1, batch):
         return None
-    return (c0 - pos).expand(batch).clone()
+    if position_ids.shape[1] == 0:
+        return None
+    rows = torch.clamp(seen_lo - c0, min=0, max=position_ids.shape[1] - 1)
+    pos = position_ids.to("cpu", torch.int64).expand(batch, -1)
+    return c0 + rows - pos.gather(1, rows[:, None])[:, 0]
 
 
 def _matches(allowed: torch.Tensor, spans: RowSpans, c0: int, causal: bool, window: int | None) -> bool:

@@ -67,7 +67,7 @@ def _stitch(
     sink = torch.zeros(batch, num_heads, dtype=torch.int64) if windowed else None
     window = torch.full((batch, num_heads), NO_WINDOW, dtype=torch.int64) if windowed else None
     for m, p in plans.items():
-        heads = torch.tensor([h for h, mh in enumerate(methods) if mh is m])
+        heads = torch.tensor([h for h, mh in enumerate(methods) if mh == m])
 
         def per_head(t: torch.Tensor, heads: torch.Tensor = heads) -> torch.Tensor:
             return expand_heads(t.transpose(0, 1), num_heads, num_kv_heads)[heads].transpose(0, 1)
