@@ -7,7 +7,7 @@ import torch
 from hf_models import ARCHS, DECODERS, build, inputs, outputs
 
 import sparse_attn
-from sparse_attn import ConfigError, DenseFallbackError, S2, SinkLocal, SparseAttentionConfig
+from sparse_attn import S2, ConfigError, DenseFallbackError, SinkLocal, SparseAttentionConfig
 
 LLAMA = DECODERS[0]
 MISTRAL = next(a for a in ARCHS if a.window is not None)
