@@ -277,22 +277,34 @@ class SparsePatch:
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, Any]:
         """The model's own attention (the implementation it had before patching)."""
-        fn, mask = _original_function(self.original_implementation, module, mask, query.dtype)
+        fn, mask = _original_function(
+            self.original_implementation, module, mask, query.dtype, query.shape[2], key.shape[2]
+        )
         return fn(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _original_function(
-    implementation: str, module: torch.nn.Module, mask: torch.Tensor | None, dtype: torch.dtype
+    implementation: str,
+    module: torch.nn.Module,
+    mask: torch.Tensor | None,
+    dtype: torch.dtype,
+    q_len: int,
+    kv_len: int,
 ) -> tuple[Callable[..., Any], torch.Tensor | None]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if implementation in ALL_ATTENTION_FUNCTIONS and implementation != ATTN_IMPLEMENTATION:
         return ALL_ATTENTION_FUNCTIONS[implementation], mask
     # "eager" lives in the model's own module and adds the mask to the scores: it needs the additive
-    # form of the boolean mask that sdpa_mask built for us.
+    # form of the boolean mask that sdpa_mask built for us, and an explicit causal mask where
+    # sdpa_mask returned None (sdpa's is_causal flag has no eager counterpart).
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"], mask
+    if mask is None and getattr(module, "is_causal", True) and q_len > 1:
+        pos = torch.arange(q_len)[:, None] + (kv_len - q_len)
+        device = next(module.parameters()).device
+        mask = (torch.arange(kv_len)[None, :] <= pos)[None, None].to(device)
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min

@@ -167,3 +167,20 @@ def test_packed_sequences_are_not_misread() -> None:
             got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
             assert sparse_attn.stats(model)["fallbacks"] == {"unsupported_mask": 2}
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_softcap_falls_back_to_an_eager_model_with_its_additive_mask() -> None:
+    """An eager model gets HF's boolean mask turned back into the additive form eager expects."""
+    model = build("llama", dtype=torch.float64)
+    model.set_attn_implementation("eager")
+    ids, mask = inputs(LLAMA, 2, 30, [0, 0])  # no padding: sdpa_mask returns None for plain causal
+    real = mask.bool()
+    with torch.no_grad():
+        expected = outputs(model, ids, mask, softcap=5.0)
+        plain = outputs(model, ids, mask)
+        with sparse_attn.patch(model, SL):
+            got = outputs(model, ids, mask, softcap=5.0)
+            assert sparse_attn.stats(model)["fallbacks"] == {"softcap": 2}
+        assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(got[real], expected[real], atol=1e-12, rtol=1e-12)
+    assert torch.equal(plain, expected)  # Llama's eager attention ignores softcap; the fallback is what matters
