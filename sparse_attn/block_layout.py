@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import LayoutError, ShapeError
+from .token_selection import TokenSelection
 
 NO_WINDOW = 2**60  # a window longer than any sequence: "no window" for a head in a mixed layout
 
@@ -269,6 +270,33 @@ class BlockLayout:
             )
             out[b, :, : geo.q_len, : geo.kv_len] = vis_e & (full_e | pred)
         return out
+
+    def decode_selection(self) -> TokenSelection:
+        """The same attention as a TokenSelection, for layouts whose rows have at most one query
+        (decode): the keys of the row's listed blocks that the element predicate keeps, ascending."""
+        if self.batch_size and int(self.q_lens.max()) > 1:
+            raise LayoutError(f"decode_selection needs q_lens <= 1, got {self.q_lens.tolist()}")
+        b, h, bk = self.batch_size, self.num_heads, self.block_k
+        dev = self.kv_indices.device
+        if self.num_q_blocks == 0 or b == 0:
+            empty = torch.zeros(b, h, 0, dtype=torch.int64, device=dev)
+            return TokenSelection(empty, torch.zeros(b, h, dtype=torch.int64, device=dev))
+        blocks = self.kv_indices[:, :, 0].to(torch.int64)  # [B, H, MK]
+        slot_used = torch.arange(self.max_k, device=dev) < self.kv_counts[:, :, 0, None].to(torch.int64)
+        keys = (blocks[..., None] * bk + torch.arange(bk, device=dev)).flatten(2)  # [B, H, MK*bk]
+        kv_len = self.kv_lens.to(dev, torch.int64)[:, None, None]
+        q_len = self.q_lens.to(dev, torch.int64)[:, None, None]
+        sink = None if self.sink_tokens is None else self.sink_tokens.to(dev)[:, :, None]
+        window = None if self.window_tokens is None else self.window_tokens.to(dev)[:, :, None]
+        pred = element_allowed(kv_len - 1, keys, kv_len, self.causal, sink, window)
+        full = self.full[:, :, 0].to(dev).repeat_interleave(bk, dim=-1)
+        used = slot_used.repeat_interleave(bk, dim=-1)
+        ok = used & (full | pred) & (keys < kv_len) & (q_len > 0)
+        counts = ok.sum(-1)
+        k_max = int(counts.max())
+        ordered = torch.sort(torch.where(ok, keys, torch.full_like(keys, 2**62)), dim=-1).values[..., :k_max]
+        indices = torch.where(torch.arange(k_max, device=dev) < counts[..., None], ordered, 0)
+        return TokenSelection(indices, counts)
 
     def attended_pairs(self) -> int:
         """Number of (row, head, query, key) pairs attended, computed block by block (no dense mask)."""

@@ -1,11 +1,20 @@
-"""Token-sparse attention over a TokenSelection in plain PyTorch (decode, and small query counts)."""
+"""Token-sparse attention over a TokenSelection in plain PyTorch (decode, and small query counts).
+
+Only the selected keys are read: from contiguous K/V, or through a vLLM-style page table from a
+paged cache, so a decode step touches O(selected) keys, never the whole context.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ..token_selection import TokenSelection
 from .common import accum_dtype, head_units, softmax_av
+
+# (key positions [B, U, km] (valid everywhere), KV head of each unit [U]) -> (k_sel, v_sel) [B, U, km, D]
+Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def token_sparse_attention_torch(
@@ -20,21 +29,66 @@ def token_sparse_attention_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query attends to its head's selected keys (plus log-weights). Returns out [B, Hq, Sq, Dv]
     and lse [B, Hq, Sq]; rows outside q_lens, and rows with no selected key, are 0 with lse -inf."""
+    b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
+
+    def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # rows of k/v flattened to [B*Hkv*Skv, D]: one index_select instead of a 3-index gather
+        base = (torch.arange(b, device=idx.device)[:, None] * hkv + kv_head[None, :]) * skv  # [B, U]
+        flat = (idx + base[..., None]).flatten()
+        k_sel = k.reshape(-1, k.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
+        v_sel = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
+        return k_sel, v_sel
+
+    return selected_attention(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+
+
+def paged_token_sparse_attention_torch(
+    q: torch.Tensor,  # [B, Hq, Sq, D]
+    key_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    value_cache: torch.Tensor,  # [num_pages, page_size, Hkv, Dv]
+    block_table: torch.Tensor,  # [B, max_pages]
+    selection: TokenSelection,
+    scale: float,
+    causal: bool,
+    q_lens: torch.Tensor,
+    kv_lens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_sparse_attention_torch over a paged cache: key j of row b is at page
+    ``block_table[b, j // page_size]``, slot ``j % page_size``; only selected keys are gathered."""
+    num_pages, page_size, hkv = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
+    table = block_table.to(q.device, torch.int64)
+
+    def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        page_of = (idx // page_size).clamp(0, table.shape[1] - 1)
+        pages = table.gather(1, page_of.flatten(1)).view_as(idx).clamp(0, num_pages - 1)
+        heads = kv_head.view(1, -1, 1).expand_as(idx)
+        slots = idx % page_size
+        return key_cache[pages, slots, heads], value_cache[pages, slots, heads]
+
+    return selected_attention(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+
+
+def selected_attention(
+    q: torch.Tensor,
+    num_kv_heads: int,
+    selection: TokenSelection,
+    scale: float,
+    causal: bool,
+    q_lens: torch.Tensor,
+    kv_lens: torch.Tensor,
+    gather: Gather,
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, sq, _ = q.shape
     dev = q.device
     acc = accum_dtype(q.dtype)
-    units = head_units(hq, k.shape[1], selection.num_heads)
+    units = head_units(hq, num_kv_heads, selection.num_heads)
     gq = units.group_size
     lrow = units.pattern_row.to(selection.indices.device)  # the selection may live on the host
     idx = selection.indices[:, lrow].to(dev, torch.int64)  # [B, U, km]
     kv_lens_d, q_lens_d = kv_lens.to(dev), q_lens.to(dev)
     used = selection.used()[:, lrow].to(dev) & (idx < kv_lens_d[:, None, None])
-    hkv, skv = k.shape[1], k.shape[2]
-    # rows of k/v flattened to [B*Hkv*Skv, D]: one index_select instead of a 3-index gather
-    base = (torch.arange(b, device=dev)[:, None] * hkv + units.kv_head.to(dev)[None, :]) * skv  # [B, U]
-    flat = (torch.where(used, idx, torch.zeros_like(idx)) + base[..., None]).flatten()
-    k_sel = k.reshape(-1, k.shape[-1]).index_select(0, flat).view(*idx.shape, -1).to(acc)  # [B, U, km, D]
-    v_sel = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(*idx.shape, -1).to(acc)  # [B, U, km, Dv]
+    k_sel, v_sel = gather(torch.where(used, idx, torch.zeros_like(idx)), units.kv_head.to(dev))
+    k_sel, v_sel = k_sel.to(acc), v_sel.to(acc)  # [B, U, km, D], [B, U, km, Dv]
     q_sel = q[:, units.q_heads.to(dev)].to(acc).flatten(2, 3) * scale  # [B, U, gq*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, U, gq*Sq, km]
     if selection.log_weights is not None:
