@@ -6,6 +6,7 @@ The package is located with ``importlib.util.find_spec`` and never imported (its
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -41,3 +42,21 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
         path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
     )
     return model.eval(), tokenizer
+
+
+def save_checkpoint(directory: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Path:
+    """Write SmolLM2 as a plain Hugging Face checkpoint (config, safetensors, tokenizer) that vLLM can
+    load. A GGUF-loaded model refuses ``save_pretrained``, so its weights go into a fresh
+    ``LlamaForCausalLM`` first."""
+    from transformers import LlamaForCausalLM
+
+    model, tokenizer = load_smollm2(dtype)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the GGUF loader's marker; the saved weights are plain
+        del config.quantization_config
+    plain = LlamaForCausalLM(config).to(dtype)
+    plain.load_state_dict(model.state_dict())
+    out = Path(directory)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

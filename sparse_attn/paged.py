@@ -45,14 +45,17 @@ def _check_paged(
     return int(key_cache.shape[1]), int(block_table.shape[1]) * int(key_cache.shape[1])
 
 
-def gather_rows(cache: torch.Tensor, block_table: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """The first ``kv_len`` keys of every row, contiguous: [B, Hkv, kv_len, D] (positions past a
-    row's own length hold whatever its pages hold; the kernels mask them by kv_lens)."""
+def gather_rows(cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
+    """Every row's keys, contiguous and right-padded with zeros: [B, Hkv, max(kv_lens), D]. (Slots a
+    row does not own may hold anything, NaN included; zeros keep masked products finite.)"""
     num_pages, page_size = cache.shape[0], cache.shape[1]
+    kv_len = int(kv_lens.max()) if kv_lens.numel() else 0
     used = -(-kv_len // page_size)
     pages = block_table[:, :used].to(cache.device, torch.int64).clamp(0, num_pages - 1)  # [B, used]
     rows = cache[pages]  # [B, used, page_size, Hkv, D]
     rows = rows.reshape(rows.shape[0], used * page_size, *cache.shape[2:])[:, :kv_len]
+    inside = torch.arange(kv_len, device=cache.device) < kv_lens.to(cache.device)[:, None]  # [B, S]
+    rows = rows.masked_fill(~inside[:, :, None, None], 0)
     return rows.permute(0, 2, 1, 3).contiguous()
 
 
@@ -99,8 +102,8 @@ def paged_block_sparse_attention(
             page_size=page_size,
         )
         return out
-    k = gather_rows(key_cache, block_table, kv_max)
-    v = gather_rows(value_cache, block_table, kv_max)
+    k = gather_rows(key_cache, block_table, layout.kv_lens)
+    v = gather_rows(value_cache, block_table, layout.kv_lens)
     out, _ = block_sparse_attention_torch(q, k, v, layout, sc, need_lse=False)
     return out
 

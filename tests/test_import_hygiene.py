@@ -124,6 +124,8 @@ def test_mapped_subpackages_import_from_the_installed_package(tmp_path: Path) ->
         import importlib.util, json, sys
         import sparse_attn
         import sparse_attn.triton_kernels, sparse_attn.integrations, sparse_attn.bench
+        import sparse_attn.integrations.vllm, sparse_attn.integrations.vllm.step
+        import sparse_attn.integrations.vllm.settings, sparse_attn.integrations.vllm.cache
         spec = importlib.util.find_spec("triton_kernels")
         report = {
             "sparse_attn": sparse_attn.__file__,
@@ -172,6 +174,7 @@ def test_distribution_metadata(tmp_path: Path) -> None:
         report = {
             "version": dist.version,
             "scripts": {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"},
+            "vllm_plugins": {ep.name: ep.value for ep in dist.entry_points if ep.group == "vllm.general_plugins"},
             "files": [str(f) for f in dist.files or ()],
             "top_level": (dist.read_text("top_level.txt") or "").split(),
         }
@@ -182,6 +185,7 @@ def test_distribution_metadata(tmp_path: Path) -> None:
     )
     assert rep["version"] == "0.1.0"
     assert rep["scripts"].get("sparse-attn") == "sparse_attn.cli:main"
+    assert rep["vllm_plugins"] == {"sparse_attn": "sparse_attn.integrations.vllm:register"}
     assert rep["top_level"] in ([], ["sparse_attn"]), f"top-level import packages: {rep['top_level']}"
     # nothing installed at top level except the sparse_attn package (and editable-install helpers)
     stray = sorted({Path(f).parts[0] for f in rep["files"]} & (set(MAPPED_DIRS) - {"sparse_attn"}))

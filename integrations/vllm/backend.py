@@ -43,17 +43,35 @@ _calls_lock = threading.Lock()
 _logged: set[str] = set()
 
 
+_batches: Counter[str] = Counter()
+
+
 def stats() -> dict[str, Any]:
-    """This process's layer calls (sparse / dense layers) and dense-fallback counts per reason."""
+    """This process's layer calls (sparse / dense layers), the kinds of batches its steps held
+    (``mixed``: decodes and prefills together; ``chunked_prefill``: a prefill chunk after cached
+    context) and dense-fallback counts per reason."""
     with _calls_lock:
-        calls = dict(_calls)
-    return {"calls": calls, "fallbacks": FALLBACKS.counts()}
+        calls, batches = dict(_calls), dict(_batches)
+    return {"calls": calls, "batches": batches, "fallbacks": FALLBACKS.counts()}
 
 
 def reset_stats() -> None:
     with _calls_lock:
         _calls.clear()
+        _batches.clear()
     FALLBACKS.reset()
+
+
+def _count_batch(step: PagedStep) -> None:
+    q_lens, kv_lens = step.q_lens, step.seq_lens
+    prefill = q_lens > 1
+    kinds = {
+        "steps": True,
+        "mixed": bool(prefill.any()) and bool((q_lens == 1).any()),
+        "chunked_prefill": bool((prefill & (q_lens < kv_lens)).any()),
+    }
+    with _calls_lock:
+        _batches.update(k for k, hit in kinds.items() if hit)
 
 
 class SparseAttentionBackend(AttentionBackend):
@@ -124,6 +142,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
             block_table=m.block_table_tensor[:n],
             min_seq_len=self.min_seq_len,
         )
+        _count_batch(step)
         return SparseAttentionMetadata(num_actual_tokens=m.num_actual_tokens, step=step)
 
 
