@@ -41,6 +41,12 @@ def _run_engine(spec: dict, env: dict | None = None, timeout: int = 600) -> dict
 
 
 @pytest.fixture(scope="session")
+def engine_env() -> dict[str, str]:
+    """Environment of a vLLM run on CPU: no hub, a small KV cache, everything in one process."""
+    return dict(ENGINE_ENV)
+
+
+@pytest.fixture(scope="session")
 def run_engine():
     """``run_engine(spec, env=None)``: greedy tokens and plugin stats of one engine (a subprocess)."""
     return _run_engine
@@ -66,3 +72,11 @@ def tiny_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).eval().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 HF checkpoint with its tokenizer."""
+    from sparse_attn.bench.smollm2 import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("smollm2"), torch.float32)

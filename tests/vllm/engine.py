@@ -1,7 +1,7 @@
 """Run one vLLM engine in this process and print its greedy tokens as JSON (used by the tests as a
 subprocess: vLLM caches its backend choice per process, so every configuration gets a fresh one).
 
-argv[1]: JSON {"model": dir, "prompts": [[ids]], "max_tokens": n, "dtype": str, "sparse_attn": spec | null,
+argv[1]: JSON {"model": dir, "prompts": [[ids]], "max_tokens": n, "dtype": str, "sparse_attn": spec | null, "attention_backend": name,
 "max_num_batched_tokens": n, "max_model_len": n}. Prints one line ``RESULT {"tokens": [[ids]], "stats": ...}``.
 """
 
@@ -17,6 +17,8 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     extra = {} if spec.get("sparse_attn") is None else {"additional_config": {"sparse_attn": spec["sparse_attn"]}}
+    if spec.get("attention_backend"):
+        extra["attention_backend"] = spec["attention_backend"]
     llm = LLM(
         model=spec["model"],
         skip_tokenizer_init=True,

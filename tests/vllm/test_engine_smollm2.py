@@ -10,7 +10,6 @@ import torch
 import sparse_attn
 from sparse_attn import SinkLocal
 from sparse_attn.bench.passkey import passkey_prompt
-from sparse_attn.bench.smollm2 import save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +18,10 @@ NEW_TOKENS = 7  # digits are single tokens
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = save_checkpoint(tmp_path_factory.mktemp("smollm2"), torch.float32)
+    path = smollm2_dir
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     prompt = passkey_prompt(KEY, 95, 0.5)

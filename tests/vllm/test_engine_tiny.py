@@ -64,7 +64,13 @@ def test_dense_equivalent_config_matches_vllm_backend(run_engine, tiny_llama, pr
 def test_sparse_configs_match_hf_patched_model(run_engine, tiny_llama, prompts, native, name) -> None:
     method = SPARSE[name]
     ours = run_engine(
-        {"model": str(tiny_llama), "prompts": prompts, "max_tokens": NEW_TOKENS, "sparse_attn": method.to_dict()}
+        {
+            "model": str(tiny_llama),
+            "prompts": prompts,
+            "max_tokens": NEW_TOKENS,
+            "sparse_attn": method.to_dict(),
+            "attention_backend": "CUSTOM",  # as users select it (vLLM's CPU platform maps it to CPU_ATTN)
+        }
     )
     assert ours["stats"]["calls"]["sparse"] > 0
     assert ours["tokens"] == _hf_tokens(tiny_llama, prompts, method)
