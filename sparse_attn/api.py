@@ -68,7 +68,10 @@ def _run_layout(
     scale: float,
     return_lse: bool,
     backend: str,
+    block_table: torch.Tensor | None = None,
+    page_size: int | None = None,
 ) -> Result:
+    """Run a layout; with ``block_table``/``page_size`` (triton only) k/v are paged caches."""
     if backend == "triton":
         lay = layout.to(q.device)
         out, lse = _triton("block_sparse_fwd").block_sparse_fwd(
@@ -87,6 +90,8 @@ def _run_layout(
             window_tokens=lay.window_tokens,
             scale=scale,
             return_lse=return_lse,
+            block_table=block_table,
+            page_size=page_size,
         )
     else:
         out, lse = block_sparse_attention_torch(q, k, v, layout, scale, need_lse=return_lse)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .api import select_backend
+from .api import _run_layout, select_backend
 from .block_layout import BlockLayout
 from .errors import LayoutError, ShapeError
-from .kernels import block_sparse_attention_torch
 from .kernels.token_decode import paged_token_sparse_attention_torch
 from .token_selection import TokenSelection
 from .validation import check_scale
@@ -79,33 +78,12 @@ def paged_block_sparse_attention(
         raise ShapeError(f"layout kv_lens reach {kv_max}, beyond the block_table's {capacity} slots")
     layout.check_fits(q.shape[0], q.shape[2], kv_max, q.shape[1], key_cache.shape[2])
     sc = check_scale(scale, q.shape[-1])
-    if select_backend(backend, q.device, q.dtype) == "triton":
-        from .api import _triton
-
-        lay = layout.to(q.device)
-        out, _ = _triton("block_sparse_fwd").block_sparse_fwd(
-            q,
-            key_cache,
-            value_cache,
-            lay.kv_indices,
-            lay.kv_counts,
-            lay.full,
-            lay.q_lens,
-            lay.kv_lens,
-            block_q=lay.block_q,
-            block_k=lay.block_k,
-            causal=lay.causal,
-            sink_tokens=lay.sink_tokens,
-            window_tokens=lay.window_tokens,
-            scale=sc,
-            block_table=block_table,
-            page_size=page_size,
-        )
-        return out
+    chosen = select_backend(backend, q.device, q.dtype)
+    if chosen == "triton":
+        return _run_layout(q, key_cache, value_cache, layout, sc, False, chosen, block_table, page_size)
     k = gather_rows(key_cache, block_table, layout.kv_lens)
     v = gather_rows(value_cache, block_table, layout.kv_lens)
-    out, _ = block_sparse_attention_torch(q, k, v, layout, sc, need_lse=False)
-    return out
+    return _run_layout(q, k, v, layout, sc, False, chosen)
 
 
 def paged_token_sparse_attention(

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from sparse_attn import S2, BlockSparse, Dense, SinkLocal
+from sparse_attn import S2, BlockSparse, Dense, MoA, SinkLocal
 from sparse_attn.integrations.vllm.cache import cache_views, write_kv
 from sparse_attn.integrations.vllm.step import HeadShard, PagedStep, attend
 from tests import bruteforce as bf
@@ -31,6 +31,9 @@ def expected_mask(method, q_len: int, kv_len: int, hq: int, hkv: int) -> torch.T
         return bf.sink_local_mask(q_len, kv_len, hq, method.sink_tokens, method.window_tokens)
     if isinstance(method, S2):
         return bf.s2_mask(q_len, kv_len, hq, hkv, method.block_size, method.local_blocks, method.vert_stride)
+    if isinstance(method, MoA):
+        alphas, betas = method.alphas[0], method.betas[0]
+        return bf.moa_mask(q_len, kv_len, alphas, betas, method.sink_tokens, method.min_span)
     if isinstance(method, BlockSparse):
         return bf.block_sparse_mask(
             q_len,
@@ -108,6 +111,23 @@ class Scenario:
         )
         return out
 
+    def run_shard(self, methods, shard: HeadShard) -> torch.Tensor:
+        """One tensor-parallel rank: its query heads, its KV heads' cache, its output heads."""
+        qs, ks = shard.q_slice(), shard.kv_slice()
+        out = torch.empty(self.query.shape[0], shard.local_heads, self.d)
+        attend(
+            self.query[:, qs],
+            self.key_cache[:, :, ks],
+            self.value_cache[:, :, ks],
+            self.step(),
+            tuple(methods),
+            shard,
+            self.d**-0.5,
+            out,
+            backend="torch",
+        )
+        return out
+
     def reference(self, methods, min_seq_len=0) -> torch.Tensor:
         outs = []
         for r, (q_len, kv_len) in enumerate(self.requests):
@@ -124,10 +144,18 @@ METHODS = {
     "s2": S2(block_size=16, local_blocks=2, vert_stride=3),
     "a_shape": BlockSparse(block_size=16, sink_blocks=1, local_blocks=2),
     "dense": Dense(block_size=16),
+    # per-head elastic windows (span grows with the request's current length)
+    "moa": MoA(
+        alphas=((8.0, 20.0, 4.0, 30.0),),
+        betas=((0.1, 0.3, 0.5, 0.05),),
+        sink_tokens=2,
+        min_span=8,
+        block_size=16,
+    ),
 }
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"moa"}))
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (3, 3), (8, 1)])
 @pytest.mark.parametrize("page_size", [16, 32])
 def test_step_matches_reference(name: str, hq: int, hkv: int, page_size: int) -> None:
@@ -135,6 +163,17 @@ def test_step_matches_reference(name: str, hq: int, hkv: int, page_size: int) ->
     methods = [METHODS[name]] * hq
     out = sc.run(methods)
     torch.testing.assert_close(out.double(), sc.reference(methods), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_moa_per_head_windows(world: int) -> None:
+    sc = Scenario(REQUESTS, 4, 2, 64, 16)
+    methods = [METHODS["moa"]] * 4
+    ref = sc.reference(methods)
+    for rank in range(world):
+        shard = HeadShard(4, 2, rank, world)
+        out = sc.run_shard(methods, shard)
+        torch.testing.assert_close(out.double(), ref[:, shard.q_slice()], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("d", [64, 96, 128])
@@ -192,20 +231,8 @@ def test_tensor_parallel_shards_equal_the_whole_layer(hq: int, hkv: int, world: 
     torch.testing.assert_close(whole.double(), sc.reference(methods), atol=2e-5, rtol=2e-5)
     for rank in range(world):
         shard = HeadShard(hq, hkv, rank, world)
-        qs, ks = shard.q_slice(), shard.kv_slice()
-        out = torch.empty(sc.query.shape[0], shard.local_heads, sc.d)
-        attend(
-            sc.query[:, qs],
-            sc.key_cache[:, :, ks],
-            sc.value_cache[:, :, ks],
-            sc.step(),
-            tuple(methods),
-            shard,
-            sc.d**-0.5,
-            out,
-            backend="torch",
-        )
-        torch.testing.assert_close(out, whole[:, qs], atol=1e-6, rtol=1e-6)
+        out = sc.run_shard(methods, shard)
+        torch.testing.assert_close(out, whole[:, shard.q_slice()], atol=1e-6, rtol=1e-6)
 
 
 def test_head_shard_rejects_uneven_splits() -> None:
