@@ -107,6 +107,7 @@ class PagedStep:
     _groups: list[RowGroup] | None = field(default=None, repr=False)
     _plans: dict[tuple[int, HeadMethods], BlockLayout | TokenSelection] = field(default_factory=dict, repr=False)
     _tables: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def q_lens(self) -> torch.Tensor:
@@ -147,6 +148,14 @@ class PagedStep:
             self._tables[gi] = self.block_table.index_select(0, rows)
         return self._tables[gi]
 
+    def token_index(self, gi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat token index [G, max q_len] clamped to >= 0, which entries are real queries), on the
+        cache's device, once per step."""
+        if gi not in self._tokens:
+            tokens = self.groups()[gi].tokens.to(self.block_table.device)
+            self._tokens[gi] = (tokens.clamp(min=0), tokens >= 0)
+        return self._tokens[gi]
+
     def plan(self, gi: int, methods: HeadMethods, shard: HeadShard) -> BlockLayout | TokenSelection:
         """The plan of group ``gi`` for a layer whose model-wide query heads use ``methods``: planned for
         all heads (so head-dependent patterns match the unsharded model), cut to this rank's heads."""
@@ -157,7 +166,13 @@ class PagedStep:
             if layout is None:
                 layout = Dense().plan(g.q_lens, g.kv_lens, shard.num_heads, shard.num_kv_heads)
             layout = shard.local_layout(layout)
-            self._plans[key] = layout.decode_selection() if g.decode else layout
+            plan = layout.decode_selection() if g.decode else layout
+            dev = self.block_table.device
+            if isinstance(plan, TokenSelection):
+                plan = TokenSelection(plan.indices.to(dev), plan.counts.to(dev))
+            else:
+                plan = plan.to(dev).validate()
+            self._plans[key] = plan
         return self._plans[key]
 
 
@@ -176,8 +191,7 @@ def attend(
     dense_methods: HeadMethods = (None,) * len(methods)
     for gi, g in enumerate(step.groups()):
         plan = step.plan(gi, dense_methods if g.dense else methods, shard)
-        valid = g.tokens >= 0
-        tokens = g.tokens.clamp(min=0).to(query.device)
+        tokens, keep = step.token_index(gi)
         q = query[tokens].permute(0, 2, 1, 3)  # [G, Hq, Sq, D]
         table = step.table(gi)
         if isinstance(plan, TokenSelection):
@@ -188,5 +202,4 @@ def attend(
             out = paged_block_sparse_attention(
                 q, key_cache, value_cache, table, plan, scale=scale, backend=backend
             )
-        keep = valid.to(query.device)
         output[tokens[keep]] = out.permute(0, 2, 1, 3)[keep].to(output.dtype)
