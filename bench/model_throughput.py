@@ -1,0 +1,178 @@
+"""Full-model throughput: prefill time and decode ms/token of a causal LM, dense and patched.
+
+For each context length and method the model prefills a prompt of that many tokens (timed), then
+decodes ``decode_tokens`` tokens one at a time from its cache (timed per token). "dense" is the
+unpatched model; every other method runs through ``sparse_attn.patch``. Before a method is timed
+it must pass the kernel self-check of the throughput benchmark (its output against float64 dense
+attention with its own mask); a method that fails is reported with status ``failed-correctness``
+and no time. Speedups are against dense at the same length in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import harness
+from .generation import forward_density, layer_calls
+from .throughput import CHECK_SEED
+
+Progress = Callable[[str], None]
+CHECK_HEAD_DIM = 64
+CHECK_LEN = 1024  # long enough that every demo pattern is really sparse
+CHECK_TOL = 1e-4  # fp32 kernels against float64 on unit-variance inputs
+
+
+def self_check(method: Any, num_heads: int, num_kv_heads: int, layers: int = 1) -> dict[str, Any]:
+    """The quick correctness check a method must pass before its speed is reported: the kernels'
+    output at the model's head counts, for each of the first ``layers`` layers, against float64
+    dense attention with the method's own mask."""
+    import sparse_attn
+    from sparse_attn.reference import reference_attention
+
+    n = CHECK_LEN
+    gen = torch.Generator().manual_seed(CHECK_SEED)
+    q = torch.randn(1, num_heads, n, CHECK_HEAD_DIM, generator=gen)
+    k = torch.randn(1, num_kv_heads, n, CHECK_HEAD_DIM, generator=gen)
+    v = torch.randn(1, num_kv_heads, n, CHECK_HEAD_DIM, generator=gen)
+    if isinstance(method, sparse_attn.StaticMethod):
+        method = sparse_attn.SparseAttentionConfig(default=method)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    err = 0.0
+    try:
+        for layer in range(layers):
+            methods = method.methods_for_layer(layer, num_heads)
+            heads = [causal if m is None else m.mask(n, n, num_heads, num_kv_heads)[h] for h, m in enumerate(methods)]
+            ref, _ = reference_attention(q.double(), k.double(), v.double(), torch.stack(heads)[None])
+            out = sparse_attn.sparse_attention(q, k, v, method, layer_idx=layer)
+            err = max(err, float((out.double() - ref).abs().max()))
+    except Exception as exc:  # a method that cannot even run fails its check, with the reason
+        return {"ok": False, "error": harness.short_error(exc)}
+    shape = [num_heads, num_kv_heads, n]
+    return {"ok": err <= CHECK_TOL, "max_abs_err": err, "tol": CHECK_TOL, "shape": shape}
+
+
+def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (1, length), generator=gen)
+
+
+def _time_model(
+    model: Any, ids: torch.Tensor, decode_tokens: int, on_prefill: Callable[[], None] | None = None
+) -> tuple[float, float]:
+    """(prefill seconds, decode ms per token) of one greedy run from an empty cache; ``on_prefill``
+    runs between the two (untimed)."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill = time.perf_counter() - t0
+        if on_prefill is not None:
+            on_prefill()
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+        decode = (time.perf_counter() - t0) * 1000.0 / max(decode_tokens, 1)
+    return prefill, decode
+
+
+def measure(
+    model: Any,
+    methods: dict[str, Any],
+    lengths: Sequence[int],
+    *,
+    decode_tokens: int = 8,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (length, method): prefill_s, decode_ms_per_token, speedups vs dense, density.
+
+    ``methods`` maps a name to a method or config (None: the unpatched model, the baseline)."""
+    import sparse_attn
+
+    log = progress or (lambda _msg: None)
+    hq = model.config.num_attention_heads
+    hkv = getattr(model.config, "num_key_value_heads", None) or hq
+    checks = {name: None if m is None else self_check(m, hq, hkv) for name, m in methods.items()}
+    rows: list[dict[str, Any]] = []
+    for length in lengths:
+        ids = _prompt(model.config.vocab_size, int(length), seed)
+        base: dict[str, float] | None = None
+        for name, method in methods.items():
+            log(f"throughput {name} @ {length}")
+            row: dict[str, Any] = {"method": name, "length": int(length), "self_check": checks[name]}
+            if checks[name] is not None and not checks[name]["ok"]:
+                rows.append({**row, "status": "failed-correctness"})
+                continue
+            if method is None:
+                prefill, decode = _time_model(model, ids, decode_tokens)
+                density = 1.0
+            else:
+                with sparse_attn.patch(model, method):
+                    before = layer_calls(sparse_attn.stats(model))
+                    seen: list[float | None] = []
+
+                    def record(before: dict = before, seen: list = seen) -> None:
+                        seen.append(forward_density(before, sparse_attn.stats(model)))
+
+                    prefill, decode = _time_model(model, ids, decode_tokens, record)
+                    density = seen[0]
+            row.update(status="ok", prefill_s=round(prefill, 6), decode_ms_per_token=round(decode, 4))
+            row["density"] = None if density is None else round(density, 4)
+            if method is None:
+                base = {"prefill": row["prefill_s"], "decode": row["decode_ms_per_token"]}
+            rows.append(row)
+        for row in rows:
+            if row["length"] == int(length) and row.get("status") == "ok" and base is not None:
+                row["prefill_speedup"] = round(base["prefill"] / row["prefill_s"], 3)
+                row["decode_speedup"] = round(base["decode"] / row["decode_ms_per_token"], 3)
+    return harness.finite(rows)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of measure()'s rows."""
+    head = f"{'method':<12} {'length':>7} {'prefill s':>10} {'x dense':>8} {'decode ms/tok':>14} {'x dense':>8} {'density':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"{r['method']:<12} {r['length']:>7} {r.get('status', '?'):>10}")
+            continue
+        density = "-" if r.get("density") is None else f"{r['density']:.2f}"
+        lines.append(
+            f"{r['method']:<12} {r['length']:>7} {r['prefill_s']:>10.3f} {r.get('prefill_speedup', 0):>8.2f} "
+            f"{r['decode_ms_per_token']:>14.1f} {r.get('decode_speedup', 0):>8.2f} {density:>8}"
+        )
+    return "\n".join(lines)
+
+
+def plot_speedup(rows: list[dict[str, Any]], path: str) -> str:
+    """PNG: prefill and decode speedup vs dense against context length, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    for ax, key, title in ((axes[0], "prefill_speedup", "prefill"), (axes[1], "decode_speedup", "decode")):
+        for name in names:
+            pts = [(r["length"], r[key]) for r in rows if r["method"] == name and key in r]
+            if pts:
+                xs, ys = zip(*sorted(pts))
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("speedup vs dense")
+        ax.set_title(f"{title} (full model)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,116 @@
+"""Full-model throughput rows, the correctness gate in front of every timing, and the demo's methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+
+from sparse_attn import SinkLocal
+from sparse_attn.bench import demo, model_throughput
+
+
+@dataclasses.dataclass(frozen=True)
+class _Misplanned(SinkLocal):
+    """Plans a narrower window than its mask says: a method whose kernels would be wrong."""
+
+    def plan(self, q_lens, kv_lens, num_heads, num_kv_heads=None, *, causal=True):
+        narrow = SinkLocal(self.sink_tokens, self.window_tokens // 4, self.block_size)
+        return narrow.plan(q_lens, kv_lens, num_heads, num_kv_heads, causal=causal)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_self_check_passes_every_demo_method_at_smollm2_heads() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the demo's settings must not be degenerate (CoverageWarning)
+        for name, method in demo.demo_methods().items():
+            if method is not None:
+                check = model_throughput.self_check(method, 9, 3, layers=2)
+                assert check["ok"], (name, check)
+
+
+def test_self_check_catches_a_wrong_kernel_plan() -> None:
+    check = model_throughput.self_check(_Misplanned(sink_tokens=4, window_tokens=256, block_size=64), 4, 2)
+    assert not check["ok"]
+    assert check["max_abs_err"] > 100 * check["tol"]
+
+
+def test_measure_rows_and_the_correctness_gate() -> None:
+    model = _tiny_llama()
+    methods = {
+        "dense": None,
+        "sink_local": SinkLocal(sink_tokens=4, window_tokens=60, block_size=16),
+        "broken": _Misplanned(sink_tokens=4, window_tokens=256, block_size=16),
+    }
+    rows = model_throughput.measure(model, methods, [96, 200], decode_tokens=2)
+    by = {(r["method"], r["length"]): r for r in rows}
+    assert set(by) == {(m, n) for m in methods for n in (96, 200)}
+    for n in (96, 200):
+        assert by[("dense", n)]["prefill_speedup"] == pytest.approx(1.0)
+        assert by[("broken", n)]["status"] == "failed-correctness"
+        assert "prefill_s" not in by[("broken", n)]
+        sl = by[("sink_local", n)]
+        assert sl["status"] == "ok" and sl["prefill_s"] > 0 and sl["decode_ms_per_token"] > 0
+        assert sl["prefill_speedup"] == pytest.approx(
+            by[("dense", n)]["prefill_s"] / sl["prefill_s"], rel=1e-2
+        )
+    assert by[("sink_local", 200)]["density"] < by[("sink_local", 96)]["density"] < 1.0
+    table = model_throughput.format_rows(rows)
+    assert "failed-correctness" in table and "sink_local" in table
+
+
+def test_speedup_plot_is_written(tmp_path) -> None:
+    rows = [
+        {"method": "dense", "length": 1024, "status": "ok", "prefill_speedup": 1.0, "decode_speedup": 1.0},
+        {"method": "s2", "length": 1024, "status": "ok", "prefill_speedup": 1.5, "decode_speedup": 1.2},
+        {"method": "s2", "length": 2048, "status": "ok", "prefill_speedup": 2.5, "decode_speedup": 1.9},
+    ]
+    path = model_throughput.plot_speedup(rows, str(tmp_path / "speedup.png"))
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_bench_accuracy_cli_writes_table_json_and_plots(tmp_path, capsys) -> None:
+    """`sparse-attn bench accuracy` on a local checkpoint: a tiny random Llama with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sparse_attn.bench.smollm2 import gguf_path
+    from sparse_attn.cli import main
+
+    gguf = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    code = main(
+        ["bench", "accuracy", "--model", str(model_dir), "--methods", "dense,sink_local", "--lengths", "256",
+         "--depths", "0,0.5,1", "--no-multikey", "--out", str(out)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sink_local" in printed and "dense" in printed
+    for name in ("accuracy.json", "needle-heatmap.png", "perplexity.png"):
+        assert (out / name).stat().st_size > 0
