@@ -1,6 +1,7 @@
 """The ``sparse-attn`` command line.
 
     sparse-attn bench throughput [--quick] [--lengths 4k,16k,32k] [--decode-lengths 16k,32k,64k]
+                                 [--model smollm2|DIR --model-lengths 1k,2k,4k --model-methods ...]
     sparse-attn bench kernels [--quick] [--lengths 8k,32k] [--decode-lengths 32k,256k] [--no-flex]
     sparse-attn demo [--quick] [--out DIR]
     sparse-attn bench accuracy [--model smollm2|DIR] [--methods dense,s2,...] [--lengths 1k,2k,4k,8k]
@@ -108,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also time torch.compile(flex_attention) with the same block mask "
         "(default: on, off with --quick)",
+    )
+    tp.add_argument(
+        "--model",
+        default=None,
+        metavar="smollm2|DIR",
+        help="also time a whole causal LM (prefill s, decode ms/token) per method, dense vs patched",
+    )
+    tp.add_argument(
+        "--model-lengths", type=_length_list, default=[1024, 2048, 4096], metavar="1k,2k,4k",
+        help="context lengths of the --model rows (default 1k,2k,4k)",
+    )
+    tp.add_argument(
+        "--model-methods", default="dense,sink_local,s2,a_shape",
+        help="presets or config .json paths for the --model rows",
     )
     tp.set_defaults(handler=_cmd_bench_throughput)
 
@@ -286,10 +301,21 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         flex=args.flex,
         log=log,
     )
-    path = throughput.write_json(result, args.json or throughput.default_json_path(args.quick))
+    json_path = args.json or throughput.default_json_path(args.quick)
     print(throughput.format_table(result))
+    if args.model:
+        accuracy = _import_bench("accuracy")
+        model_throughput = _import_bench("model_throughput")
+        model, _ = accuracy.load_model(args.model)
+        rows = model_throughput.measure(model, _methods_arg(args.model_methods), args.model_lengths, progress=log)
+        result["model"] = {"spec": args.model, "rows": rows}
+        print(model_throughput.format_rows(rows))
+        png = str(json_path).removesuffix(".json") + "-model-speedup.png"
+        print(f"wrote {model_throughput.plot_speedup(rows, png)}")
+    path = throughput.write_json(result, json_path)
     print(f"wrote {path}")
-    if throughput.has_failures(result):
+    model_failed = any(r.get("status") != "ok" for r in result.get("model", {}).get("rows", []))
+    if throughput.has_failures(result) or model_failed:
         print(
             "some methods failed their correctness check or errored: see the status column", file=sys.stderr
         )

@@ -84,12 +84,12 @@ def test_speedup_plot_is_written(tmp_path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
-def test_bench_accuracy_cli_writes_table_json_and_plots(tmp_path, capsys) -> None:
-    """`sparse-attn bench accuracy` on a local checkpoint: a tiny random Llama with SmolLM2's tokenizer."""
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A local checkpoint: a tiny random Llama with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from sparse_attn.bench.smollm2 import gguf_path
-    from sparse_attn.cli import main
 
     gguf = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -101,16 +101,38 @@ def test_bench_accuracy_cli_writes_table_json_and_plots(tmp_path, capsys) -> Non
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    model_dir = tmp_path / "model"
+    model_dir = tmp_path_factory.mktemp("model")
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_bench_accuracy_cli_writes_table_json_and_plots(tiny_checkpoint, tmp_path, capsys) -> None:
+    from sparse_attn.cli import main
+
     out = tmp_path / "out"
-    code = main(
-        ["bench", "accuracy", "--model", str(model_dir), "--methods", "dense,sink_local", "--lengths", "256",
-         "--depths", "0,0.5,1", "--no-multikey", "--out", str(out)]
-    )
+    args = ["--methods", "dense,sink_local", "--lengths", "256", "--depths", "0,0.5,1", "--no-multikey"]
+    code = main(["bench", "accuracy", "--model", str(tiny_checkpoint), *args, "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "sink_local" in printed and "dense" in printed
     for name in ("accuracy.json", "needle-heatmap.png", "perplexity.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_bench_throughput_cli_adds_full_model_rows(tiny_checkpoint, tmp_path, capsys) -> None:
+    import json
+
+    from sparse_attn.cli import main
+
+    path = tmp_path / "tp.json"
+    model_args = ["--model", str(tiny_checkpoint), "--model-lengths", "128,256", "--model-methods", "dense,a_shape"]
+    code = main(["bench", "throughput", "--quick", *model_args, "--json", str(path)])
+    assert code == 0
+    result = json.loads(path.read_text())
+    rows = result["model"]["rows"]
+    assert {(r["method"], r["length"]) for r in rows} == {(m, n) for m in ("dense", "a_shape") for n in (128, 256)}
+    assert all(r["status"] == "ok" and r["prefill_s"] > 0 for r in rows)
+    assert result["rows"], "the kernel rows are still there"
+    assert (tmp_path / "tp-model-speedup.png").stat().st_size > 0
+    assert "a_shape" in capsys.readouterr().out
