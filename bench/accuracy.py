@@ -36,7 +36,6 @@ from .accuracy_report import (
     relative_accuracy,
     retained,
     task_summary,
-    write_json,
 )
 from .generation import eos_token_ids, forward_density, greedy_generate, layer_calls
 from .perplexity import load_text, perplexity_by_position, text_token_ids
@@ -60,7 +59,6 @@ __all__ = [
     "relative_accuracy",
     "retained",
     "run_accuracy",
-    "write_json",
 ]
 
 

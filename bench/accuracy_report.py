@@ -5,11 +5,7 @@ Kept apart from the runner so that a saved result can be re-tabulated without to
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
-
-from . import harness
 
 
 def relative_accuracy(correct: list[bool], dense_correct: list[bool]) -> float | None:
@@ -100,9 +96,3 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_json(result: dict[str, Any], path: str | Path) -> Path:
-    """Write the result (non-finite floats as null) and return the path; parent folders are created."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(harness.finite(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return out

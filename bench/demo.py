@@ -99,9 +99,7 @@ def run(out_dir: str | Path | None = None, *, quick: bool = False, plot: bool = 
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        from .throughput import write_json
-
-        write_json(harness.finite(result), out / "demo.json")
+        harness.write_json(result, out / "demo.json")
         if plot:
             model_throughput.plot_speedup(rows, str(out / "demo-speedup.png"))
     return result

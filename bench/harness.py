@@ -234,3 +234,13 @@ def method_params(method: Any) -> dict[str, Any]:
             else {}
         )
     return finite(d)
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a result document (non-finite floats as null; parent folders created); returns the path."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return out

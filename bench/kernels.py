@@ -27,7 +27,6 @@ Nothing runs at import; the module imports without a GPU (``run_kernels`` needs 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import re
 import time
@@ -708,13 +707,6 @@ def run_kernels(
             "goals": evaluate_goals(rows),
         }
     )
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
 
 
 def _fmt(x: Any, spec: str) -> str:

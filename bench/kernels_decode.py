@@ -356,9 +356,7 @@ def run_decode(
         "goal": evaluate_goal(rows),
     }
     if json_path != "":
-        path = Path(json_path) if json_path else default_json_path(env["gpu"]["name"], quick)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        path = harness.write_json(result, json_path or default_json_path(env["gpu"]["name"], quick))
         log(f"wrote {path}")
     return result
 

@@ -22,7 +22,6 @@ Speedups are against the dense baseline of the same mode and length in the same 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import time
 import warnings
@@ -786,13 +785,6 @@ def run(
             "goals": evaluate_goals(rows),
         }
     )
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
 
 
 def _fmt(x: Any, spec: str) -> str:

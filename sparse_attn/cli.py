@@ -220,7 +220,7 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
         text_path=args.text,
     )
     out = Path(args.out)
-    path = accuracy.write_json(result, out / "accuracy.json")
+    path = _import_bench("harness").write_json(result, out / "accuracy.json")
     plots.plot_needle_heatmap(result, out / "needle-heatmap.png")
     if not args.no_perplexity:
         plots.plot_perplexity(result, out / "perplexity.png")
@@ -248,7 +248,9 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     result = prefill.run_kernels(
         lengths=args.lengths, quick=args.quick, flex=not args.no_flex, log=lambda m: print(m, file=sys.stderr)
     )
-    path = prefill.write_json(result, prefill.default_json_path(args.quick, gpu_name=result["device"]))
+    path = _import_bench("harness").write_json(
+        result, prefill.default_json_path(args.quick, gpu_name=result["device"])
+    )
     print(prefill.format_table(result))
     print(f"wrote {path}")
     gpu = torch.cuda.get_device_name()
@@ -312,7 +314,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         print(model_throughput.format_rows(rows))
         png = str(json_path).removesuffix(".json") + "-model-speedup.png"
         print(f"wrote {model_throughput.plot_speedup(rows, png)}")
-    path = throughput.write_json(result, json_path)
+    path = _import_bench("harness").write_json(result, json_path)
     print(f"wrote {path}")
     model_failed = any(r.get("status") != "ok" for r in result.get("model", {}).get("rows", []))
     if throughput.has_failures(result) or model_failed:

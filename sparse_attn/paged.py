@@ -101,7 +101,7 @@ def paged_token_sparse_attention(
 ) -> torch.Tensor:
     """``token_sparse_attention`` with K/V in a paged cache; only selected keys are read.
     Returns out [B, Hq, Sq, Dv]."""
-    _, capacity = _check_paged(q, key_cache, value_cache, block_table)
+    page_size, capacity = _check_paged(q, key_cache, value_cache, block_table)
     b = q.shape[0]
     kvl = torch.as_tensor(kv_lens, dtype=torch.int64).reshape(-1).cpu()
     ql = torch.ones(b, dtype=torch.int64) if q_lens is None else torch.as_tensor(q_lens).reshape(-1).cpu()
@@ -115,7 +115,6 @@ def paged_token_sparse_attention(
         raise ShapeError(f"selection has batch {selection.batch_size}, q has {b}")
     selection.validate(kvl)
     sc = check_scale(scale, q.shape[-1])
-    page_size = key_cache.shape[1]
     if select_backend(backend, q.device, q.dtype) == "triton":
         from .api import _triton
 

@@ -47,7 +47,20 @@ class TokenSelection:
         return torch.arange(self.k_max, device=self.indices.device) < self.counts[..., None]
 
     def validate(self, kv_lens: int | torch.Tensor) -> TokenSelection:
-        """Raise LayoutError unless indices are in [0, kv_len) and strictly increasing; returns self."""
+        """Raise LayoutError unless indices are in [0, kv_len) and strictly increasing; returns self.
+
+        A selection that passed for some host ``kv_lens`` remembers them, so running it again for the
+        same lengths (every layer of a decode step) skips the device-to-host checks; its tensors
+        must not be modified in place afterwards."""
+        key = _lengths_key(kv_lens)
+        if key is not None and self.__dict__.get("_valid_for") == key:
+            return self
+        self._check(kv_lens)
+        if key is not None:
+            object.__setattr__(self, "_valid_for", key)
+        return self
+
+    def _check(self, kv_lens: int | torch.Tensor) -> None:
         for name, t, dim in (("indices", self.indices, 3), ("counts", self.counts, 2)):
             if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
                 raise LayoutError(f"{name} must be an int32/int64 tensor")
@@ -76,7 +89,6 @@ class TokenSelection:
             raise LayoutError(f"indices must lie in [0, kv_len) for kv_lens={lens.tolist()}")
         if km > 1 and bool(((idx[..., 1:] <= idx[..., :-1]) & used[..., 1:]).any()):
             raise LayoutError("indices must be strictly increasing within counts")
-        return self
 
     def to_dense_mask(self, kv_len: int) -> torch.Tensor:
         """bool [B, H, kv_len]: True where a key is selected."""
@@ -92,3 +104,12 @@ class TokenSelection:
         lens = torch.as_tensor(kv_lens, dtype=torch.float64).cpu().reshape(-1).expand(self.batch_size)
         total = float(lens.sum()) * self.num_heads
         return float(self.counts.to("cpu", torch.float64).sum()) / total if total else 0.0
+
+
+def _lengths_key(kv_lens: int | torch.Tensor) -> tuple[int, ...] | None:
+    """Host lengths as a hashable key (None for device tensors: reading them would sync)."""
+    if isinstance(kv_lens, int):
+        return (kv_lens,)
+    if isinstance(kv_lens, torch.Tensor) and kv_lens.device.type == "cpu":
+        return tuple(kv_lens.reshape(-1).tolist())
+    return None

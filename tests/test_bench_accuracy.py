@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import sparse_attn
 from sparse_attn import SinkLocal
-from sparse_attn.bench import accuracy, perplexity, plots, prompts, scoring
+from sparse_attn.bench import accuracy, harness, perplexity, plots, prompts, scoring
 from sparse_attn.bench.passkey import FILLER, INTRO, QUESTION, needle
 
 KEY = "71432"
@@ -352,7 +352,7 @@ def test_run_accuracy_end_to_end(tiny_llama, tokenizer, tmp_path, capsys) -> Non
         "sink_local",
     ):
         assert word in table
-    path = accuracy.write_json(result, tmp_path / "out" / "acc.json")
+    path = harness.write_json(result, tmp_path / "out" / "acc.json")
     assert json.loads(path.read_text())["methods"]["sink_local"]["density"] == pytest.approx(
         sparse["density"]
     )

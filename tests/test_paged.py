@@ -185,3 +185,18 @@ def test_bad_env_json_is_rejected(monkeypatch) -> None:
     monkeypatch.setenv("SPARSE_ATTN_CONFIG", "{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         sparse_config(None)
+
+
+def test_selection_validation_is_remembered_per_lengths() -> None:
+    """A decode step validates its selection once for all layers; other lengths are checked again."""
+    sel = TokenSelection(torch.tensor([[[0, 5, 44]]]), torch.tensor([[3]]))
+    lens = torch.tensor([70])
+    assert sel.validate(lens) is sel
+    assert sel.__dict__["_valid_for"] == (70,)
+    assert sel.validate(torch.tensor([70])) is sel
+    with pytest.raises(LayoutError, match="kv_len"):
+        sel.validate(torch.tensor([40]))
+    bad = TokenSelection(torch.tensor([[[5, 5]]]), torch.tensor([[2]]))
+    for _ in range(2):  # a failed check is never remembered
+        with pytest.raises(LayoutError, match="strictly increasing"):
+            bad.validate(10)
