@@ -45,7 +45,6 @@ from .scoring import exact_match, extract_integer, number_tokenization
 SCHEMA_VERSION = 1
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_MAX_NEW_TOKENS = 8  # " 71432." is 7 tokens for a per-digit tokenizer; one spare
-DEFAULT_PPL_TOKENS = 1024
 DEFAULT_PPL_BUCKETS = 8
 DEFAULT_PPL_WINDOWS = 4  # one window mixes position with content; several average the content out
 DEFAULT_MULTIKEY_KEYS = 4
@@ -139,6 +138,20 @@ def _check_args(methods: Any, lengths: Any, depths: Any, seeds: Any, max_new_tok
     ordered = {REFERENCE: None} if ref is None else {ref: None}
     ordered.update({k: v for k, v in methods.items() if k not in ordered})
     return ordered
+
+
+def _check_context(model: Any, lengths: list[int], max_new_tokens: int, ppl_tokens: int | None) -> None:
+    # Past its trained positions a model's answers say nothing about the attention method.
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    if max(lengths) + max_new_tokens > limit:
+        raise ValueError(
+            f"lengths: the longest prompt ({max(lengths)} tokens) plus max_new_tokens={max_new_tokens} "
+            f"exceeds the model's max_position_embeddings={limit}; use lengths <= {limit - max_new_tokens}"
+        )
+    if ppl_tokens is not None and ppl_tokens > limit:
+        raise ValueError(f"ppl_tokens={ppl_tokens} exceeds the model's max_position_embeddings={limit}")
 
 
 def _method_record(method: object) -> dict[str, Any]:
@@ -247,7 +260,7 @@ def run_accuracy(
     progress: bool = True,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     *,
-    ppl_tokens: int = DEFAULT_PPL_TOKENS,
+    ppl_tokens: int | None = None,
     ppl_windows: int = DEFAULT_PPL_WINDOWS,
     ppl_buckets: int = DEFAULT_PPL_BUCKETS,
     multikey_keys: int = DEFAULT_MULTIKEY_KEYS,
@@ -257,8 +270,9 @@ def run_accuracy(
 
     ``lengths`` are prompt sizes in tokens of ``tokenizer``; the passkey grid is lengths x ``depths``
     x ``seeds``; ``multikey`` adds one prompt per length x seed x asked key (``multikey_keys`` keys);
-    ``perplexity`` scores ``ppl_windows`` consecutive windows of ``ppl_tokens`` tokens of ``text_path``
-    (default: Python's standard library), averaged per position, in ``ppl_buckets`` position buckets.
+    ``perplexity`` scores ``ppl_windows`` consecutive windows of ``ppl_tokens`` tokens (default: the
+    longest of ``lengths``, so the windows reach as far as the prompts) of ``text_path`` (default:
+    Python's standard library), averaged per position, in ``ppl_buckets`` position buckets.
     A method that raises gets ``status: "error: ..."`` and the others still run. The model must not be
     patched already. Returns the result document (``schema_version``, ``env`` first; per-method
     summaries under "methods"; one row per prompt and method under "rows").
@@ -267,6 +281,9 @@ def run_accuracy(
 
     methods = _check_args(methods, lengths, depths, seeds, max_new_tokens)
     lengths, depths, seeds = list(lengths), [float(d) for d in depths], list(seeds)
+    if ppl_tokens is None:
+        ppl_tokens = max(lengths)
+    _check_context(model, lengths, max_new_tokens, ppl_tokens if perplexity else None)
     try:
         sparse_attn.stats(model)
     except sparse_attn.ConfigError:

@@ -10,6 +10,7 @@ and no time. Speedups are against dense at the same length in the same run.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ Progress = Callable[[str], None]
 CHECK_HEAD_DIM = 64
 CHECK_LEN = 1024  # long enough that every demo pattern is really sparse
 CHECK_TOL = 1e-4  # fp32 kernels against float64 on unit-variance inputs
+WARMUP_TOKENS = 64
 
 
 def self_check(method: Any, num_heads: int, num_kv_heads: int, layers: int = 1) -> dict[str, Any]:
@@ -45,7 +47,10 @@ def self_check(method: Any, num_heads: int, num_kv_heads: int, layers: int = 1) 
     try:
         for layer in range(layers):
             methods = method.methods_for_layer(layer, num_heads)
-            heads = [causal if m is None else m.mask(n, n, num_heads, num_kv_heads)[h] for h, m in enumerate(methods)]
+            heads = [
+                causal if m is None else m.mask(n, n, num_heads, num_kv_heads)[h]
+                for h, m in enumerate(methods)
+            ]
             ref, _ = reference_attention(q.double(), k.double(), v.double(), torch.stack(heads)[None])
             out = sparse_attn.sparse_attention(q, k, v, method, layer_idx=layer)
             err = max(err, float((out.double() - ref).abs().max()))
@@ -82,6 +87,25 @@ def _time_model(
     return prefill, decode
 
 
+def _warm_up(model: Any, ids: torch.Tensor) -> None:
+    # The first call of a configuration pays one-time costs (allocator growth, lazy imports, plan
+    # caches); a short untimed run takes them out of the timed ones.
+    _time_model(model, ids[:, :WARMUP_TOKENS], 1)
+
+
+def _timed_runs(
+    model: Any,
+    ids: torch.Tensor,
+    decode_tokens: int,
+    repeats: int,
+    on_first_prefill: Callable[[], None] | None = None,
+) -> tuple[float, float]:
+    runs = [
+        _time_model(model, ids, decode_tokens, on_first_prefill if i == 0 else None) for i in range(repeats)
+    ]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def measure(
     model: Any,
     methods: dict[str, Any],
@@ -90,12 +114,16 @@ def measure(
     decode_tokens: int = 8,
     seed: int = 0,
     progress: Progress | None = None,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """One row per (length, method): prefill_s, decode_ms_per_token, speedups vs dense, density.
+    """One row per (length, method): prefill_s, decode_ms_per_token (medians of ``repeats`` runs, each
+    after an untimed warm-up run on a short prompt), speedups vs dense, density.
 
     ``methods`` maps a name to a method or config (None: the unpatched model, the baseline)."""
     import sparse_attn
 
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     log = progress or (lambda _msg: None)
     hq = model.config.num_attention_heads
     hkv = getattr(model.config, "num_key_value_heads", None) or hq
@@ -111,19 +139,26 @@ def measure(
                 rows.append({**row, "status": "failed-correctness"})
                 continue
             if method is None:
-                prefill, decode = _time_model(model, ids, decode_tokens)
+                _warm_up(model, ids)
+                prefill, decode = _timed_runs(model, ids, decode_tokens, repeats)
                 density = 1.0
             else:
                 with sparse_attn.patch(model, method):
+                    _warm_up(model, ids)
                     before = layer_calls(sparse_attn.stats(model))
                     seen: list[float | None] = []
 
                     def record(before: dict = before, seen: list = seen) -> None:
                         seen.append(forward_density(before, sparse_attn.stats(model)))
 
-                    prefill, decode = _time_model(model, ids, decode_tokens, record)
+                    prefill, decode = _timed_runs(model, ids, decode_tokens, repeats, record)
                     density = seen[0]
-            row.update(status="ok", prefill_s=round(prefill, 6), decode_ms_per_token=round(decode, 4))
+            row.update(
+                status="ok",
+                prefill_s=round(prefill, 6),
+                decode_ms_per_token=round(decode, 4),
+                repeats=repeats,
+            )
             row["density"] = None if density is None else round(density, 4)
             if method is None:
                 base = {"prefill": row["prefill_s"], "decode": row["decode_ms_per_token"]}

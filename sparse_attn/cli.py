@@ -117,12 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time a whole causal LM (prefill s, decode ms/token) per method, dense vs patched",
     )
     tp.add_argument(
-        "--model-lengths", type=_length_list, default=[1024, 2048, 4096], metavar="1k,2k,4k",
+        "--model-lengths",
+        type=_length_list,
+        default=[1024, 2048, 4096],
+        metavar="1k,2k,4k",
         help="context lengths of the --model rows (default 1k,2k,4k)",
     )
     tp.add_argument(
-        "--model-methods", default="dense,sink_local,s2,a_shape",
+        "--model-methods",
+        default="dense,sink_local,s2,a_shape",
         help="presets or config .json paths for the --model rows",
+    )
+    tp.add_argument(
+        "--model-repeats",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="timed runs per --model row, after an untimed warm-up; the median is reported (default 3)",
     )
     tp.set_defaults(handler=_cmd_bench_throughput)
 
@@ -158,10 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lengths", type=_length_list, default=[1024, 2048], metavar="1k,2k,4k,8k")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     ap.add_argument("--seeds", type=_positive_int, default=1, metavar="N", help="seeds per prompt (keys)")
-    ap.add_argument("--text", default=None, metavar="FILE", help="text for perplexity (default: stdlib sources)")
+    ap.add_argument(
+        "--text", default=None, metavar="FILE", help="text for perplexity (default: stdlib sources)"
+    )
+    ap.add_argument(
+        "--ppl-tokens",
+        type=_parse_length,
+        default=None,
+        metavar="N",
+        help="tokens per perplexity window (default: the longest of --lengths)",
+    )
+    ap.add_argument(
+        "--ppl-windows", type=_positive_int, default=4, metavar="N", help="perplexity windows (default 4)"
+    )
     ap.add_argument("--no-multikey", action="store_true", help="skip multi-key retrieval")
     ap.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
-    ap.add_argument("--out", default="sparse-attn-accuracy", metavar="DIR", help="where to write JSON and PNGs")
+    ap.add_argument(
+        "--out", default="sparse-attn-accuracy", metavar="DIR", help="where to write JSON and PNGs"
+    )
     ap.set_defaults(handler=_cmd_bench_accuracy)
 
     rp = bench_sub.add_parser(
@@ -181,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(2k tokens, 3 needle depths) and full-model prefill/decode timings (1k, 2k tokens) for dense "
         "and each method; prints one table, writes JSON and a PNG.",
     )
-    dp.add_argument("--quick", action="store_true", help="short prompts (a smoke run; answers are not meaningful)")
+    dp.add_argument(
+        "--quick", action="store_true", help="short prompts (a smoke run; answers are not meaningful)"
+    )
     dp.add_argument(
         "--out", default="sparse-attn-demo", metavar="DIR", help="where to write demo.json and the PNG"
     )
@@ -196,7 +223,9 @@ def _methods_arg(text: str) -> dict[str, object]:
 
     out: dict[str, object] = {}
     for name in (x.strip() for x in text.split(",") if x.strip()):
-        out[Path(name).stem if name.endswith(".json") else name] = None if name == "dense" else resolve_config(name)
+        out[Path(name).stem if name.endswith(".json") else name] = (
+            None if name == "dense" else resolve_config(name)
+        )
     return out
 
 
@@ -218,6 +247,8 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
         multikey=not args.no_multikey,
         perplexity=not args.no_perplexity,
         text_path=args.text,
+        ppl_tokens=args.ppl_tokens,
+        ppl_windows=args.ppl_windows,
     )
     out = Path(args.out)
     path = _import_bench("harness").write_json(result, out / "accuracy.json")
@@ -309,8 +340,14 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         accuracy = _import_bench("accuracy")
         model_throughput = _import_bench("model_throughput")
         model, _ = accuracy.load_model(args.model)
-        rows = model_throughput.measure(model, _methods_arg(args.model_methods), args.model_lengths, progress=log)
-        result["model"] = {"spec": args.model, "rows": rows}
+        rows = model_throughput.measure(
+            model,
+            _methods_arg(args.model_methods),
+            args.model_lengths,
+            progress=log,
+            repeats=args.model_repeats,
+        )
+        result["model"] = {"spec": args.model, "repeats": args.model_repeats, "rows": rows}
         print(model_throughput.format_rows(rows))
         png = str(json_path).removesuffix(".json") + "-model-speedup.png"
         print(f"wrote {model_throughput.plot_speedup(rows, png)}")

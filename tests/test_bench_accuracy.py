@@ -390,5 +390,23 @@ def test_run_accuracy_adds_dense_and_checks_arguments(tiny_llama, tokenizer) -> 
     for methods, lengths, depths, word in bad:
         with pytest.raises(ValueError, match=word):
             accuracy.run_accuracy(tiny_llama, tokenizer, methods, lengths, depths, progress=False)
+    # the tiny model knows 512 positions: a prompt plus its answer, or a perplexity window, must fit
+    with pytest.raises(ValueError, match=r"lengths: .*max_position_embeddings=512; use lengths <= 504"):
+        accuracy.run_accuracy(
+            tiny_llama, tokenizer, {"d": None}, [505], [0.5], progress=False, max_new_tokens=8
+        )
+    # perplexity windows default to the longest prompt
+    doc = accuracy.run_accuracy(
+        tiny_llama, tokenizer, {"d": None}, [100, 130], [0.5], multikey=False, progress=False,
+        ppl_windows=1, ppl_buckets=3,
+    )  # fmt: skip
+    assert (
+        doc["config"]["perplexity"]["tokens"] == 130
+        and doc["methods"]["d"]["perplexity"]["window_tokens"] == 130
+    )
+    with pytest.raises(ValueError, match="ppl_tokens=513"):
+        accuracy.run_accuracy(
+            tiny_llama, tokenizer, {"d": None}, [100], [0.5], progress=False, ppl_tokens=513
+        )
     with sparse_attn.patch(tiny_llama, "dense"), pytest.raises(ValueError, match="already patched"):
         accuracy.run_accuracy(tiny_llama, tokenizer, {"d": None}, [100], [0.5], progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -73,6 +74,22 @@ def test_measure_rows_and_the_correctness_gate() -> None:
     assert "failed-correctness" in table and "sink_local" in table
 
 
+def test_measure_takes_medians_after_a_warm_up_that_does_not_count() -> None:
+    model = _tiny_llama()
+    window = SinkLocal(sink_tokens=4, window_tokens=60, block_size=16)
+    (row,) = [
+        r
+        for r in model_throughput.measure(model, {"w": window}, [200], decode_tokens=2, repeats=3)
+        if r["method"] == "w"
+    ]
+    assert row["status"] == "ok" and row["repeats"] == 3
+    # the density is the prefill's own layout: the short warm-up (all inside the window) is not in it
+    heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert row["density"] == pytest.approx(window.plan([200], [200], *heads).density(), abs=1e-4)
+    with pytest.raises(ValueError, match="repeats"):
+        model_throughput.measure(model, {"w": window}, [200], repeats=0)
+
+
 def test_speedup_plot_is_written(tmp_path) -> None:
     rows = [
         {"method": "dense", "length": 1024, "status": "ok", "prefill_speedup": 1.0, "decode_speedup": 1.0},
@@ -112,27 +129,39 @@ def test_bench_accuracy_cli_writes_table_json_and_plots(tiny_checkpoint, tmp_pat
 
     out = tmp_path / "out"
     args = ["--methods", "dense,sink_local", "--lengths", "256", "--depths", "0,0.5,1", "--no-multikey"]
-    code = main(["bench", "accuracy", "--model", str(tiny_checkpoint), *args, "--out", str(out)])
+    ppl = ["--ppl-tokens", "200", "--ppl-windows", "2"]
+    code = main(["bench", "accuracy", "--model", str(tiny_checkpoint), *args, *ppl, "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "sink_local" in printed and "dense" in printed
     for name in ("accuracy.json", "needle-heatmap.png", "perplexity.png"):
         assert (out / name).stat().st_size > 0
+    perplexity = json.loads((out / "accuracy.json").read_text())["methods"]["sink_local"]["perplexity"]
+    assert (perplexity["window_tokens"], perplexity["windows"]) == (200, 2)
 
 
 def test_bench_throughput_cli_adds_full_model_rows(tiny_checkpoint, tmp_path, capsys) -> None:
-    import json
-
     from sparse_attn.cli import main
 
     path = tmp_path / "tp.json"
-    model_args = ["--model", str(tiny_checkpoint), "--model-lengths", "128,256", "--model-methods", "dense,a_shape"]
+    model_args = [
+        "--model",
+        str(tiny_checkpoint),
+        "--model-lengths",
+        "128,256",
+        "--model-methods",
+        "dense,a_shape",
+        "--model-repeats",
+        "2",
+    ]
     code = main(["bench", "throughput", "--quick", *model_args, "--json", str(path)])
     assert code == 0
     result = json.loads(path.read_text())
     rows = result["model"]["rows"]
-    assert {(r["method"], r["length"]) for r in rows} == {(m, n) for m in ("dense", "a_shape") for n in (128, 256)}
-    assert all(r["status"] == "ok" and r["prefill_s"] > 0 for r in rows)
+    assert {(r["method"], r["length"]) for r in rows} == {
+        (m, n) for m in ("dense", "a_shape") for n in (128, 256)
+    }
+    assert all(r["status"] == "ok" and r["prefill_s"] > 0 and r["repeats"] == 2 for r in rows)
     assert result["rows"], "the kernel rows are still there"
     assert (tmp_path / "tp-model-speedup.png").stat().st_size > 0
     assert "a_shape" in capsys.readouterr().out
