@@ -45,7 +45,29 @@ def markdown_summary(result: dict[str, Any]) -> str:
     for g in result["goals"].values():
         met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
         lines.append(f"| {g['description']} | {g['threshold']} | {_cell(g.get('value'), '.2f')} | {met} |")
+    if result.get("model"):
+        lines += ["", *_model_table(result["model"])]
     return "\n".join(lines)
+
+
+def _model_table(model: dict[str, Any]) -> list[str]:
+    repeats = model.get("repeats")
+    lines = [
+        f"Full model `{model['spec']}` (`--model`): prefill seconds and decode ms/token"
+        + (f", median of {repeats} runs after a warm-up" if repeats else "")
+        + "; density is the prefill's measured attention density.",
+        "",
+        "| length | method | density | prefill s | x dense | decode ms/tok | x dense |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in model["rows"]:
+        name = r["method"] if r["status"] == "ok" else f"{r['method']} ({r['status'].split(':')[0]})"
+        lines.append(
+            f"| {r['length']} | {name} | {_cell(r.get('density'), '.2f')} | {_cell(r.get('prefill_s'), '.2f')} "
+            f"| {_cell(r.get('prefill_speedup'), '.2f')} | {_cell(r.get('decode_ms_per_token'), '.1f')} "
+            f"| {_cell(r.get('decode_speedup'), '.2f')} |"
+        )
+    return lines
 
 
 def update_readme(readme: str | Path, result_path: str | Path) -> None:

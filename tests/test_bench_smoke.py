@@ -188,6 +188,25 @@ def test_report_renders_every_row_and_rewrites_only_the_readme_block(tmp_path, c
         report.update_readme(readme, json_path)
 
 
+def test_report_adds_the_full_model_rows(tmp_path):
+    code, result = _run(tmp_path)
+    assert code == 0
+    report = _bench_module("report")
+    assert "Full model" not in report.markdown_summary(result)
+    rows = [
+        {"method": "dense", "length": 2048, "status": "ok", "prefill_s": 5.395, "prefill_speedup": 1.0,
+         "decode_ms_per_token": 80.71, "decode_speedup": 1.0, "density": 1.0},
+        {"method": "a_shape", "length": 2048, "status": "ok", "prefill_s": 4.1, "prefill_speedup": 1.316,
+         "decode_ms_per_token": 90.0, "decode_speedup": 0.897, "density": 0.4612},
+        {"method": "broken", "length": 2048, "status": "failed-correctness", "density": None},
+    ]  # fmt: skip
+    text = report.markdown_summary({**result, "model": {"spec": "smollm2", "repeats": 3, "rows": rows}})
+    assert "Full model `smollm2`" in text and "median of 3 runs" in text
+    assert "| 2048 | a_shape | 0.46 | 4.10 | 1.32 | 90.0 | 0.90 |" in text
+    assert "| 2048 | broken (failed-correctness) | — | — | — | — | — |" in text
+    assert text.index("| goal |") < text.index("Full model")
+
+
 def test_kernels_benchmark_refuses_to_run_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["bench", "kernels", "--quick"]) == 2
