@@ -88,8 +88,8 @@ def _time_model(
 
 
 def _warm_up(model: Any, ids: torch.Tensor) -> None:
-    # The first call of a configuration pays one-time costs (allocator growth, lazy imports, plan
-    # caches); a short untimed run takes them out of the timed ones.
+    # The first call of a configuration pays one-time costs (allocator growth, lazy imports, kernel
+    # selection); a short untimed run takes them out of the timed ones.
     _time_model(model, ids[:, :WARMUP_TOKENS], 1)
 
 
@@ -116,8 +116,9 @@ def measure(
     progress: Progress | None = None,
     repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """One row per (length, method): prefill_s, decode_ms_per_token (medians of ``repeats`` runs, each
-    after an untimed warm-up run on a short prompt), speedups vs dense, density.
+    """One row per (length, method): prefill_s, decode_ms_per_token (medians of ``repeats`` runs after
+    one untimed warm-up run on a short prompt), speedups vs dense, density. The first timed run plans
+    the layout for its length; later runs reuse the patch's cached plan, as repeated requests would.
 
     ``methods`` maps a name to a method or config (None: the unpatched model, the baseline)."""
     import sparse_attn
