@@ -7,6 +7,7 @@ import json
 import warnings
 
 import pytest
+from hf_models import build
 
 from sparse_attn import SinkLocal
 from sparse_attn.bench import demo, model_throughput
@@ -19,20 +20,6 @@ class _Misplanned(SinkLocal):
     def plan(self, q_lens, kv_lens, num_heads, num_kv_heads=None, *, causal=True):
         narrow = SinkLocal(self.sink_tokens, self.window_tokens // 4, self.block_size)
         return narrow.plan(q_lens, kv_lens, num_heads, num_kv_heads, causal=causal)
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def test_self_check_passes_every_demo_method_at_smollm2_heads() -> None:
@@ -51,7 +38,7 @@ def test_self_check_catches_a_wrong_kernel_plan() -> None:
 
 
 def test_measure_rows_and_the_correctness_gate() -> None:
-    model = _tiny_llama()
+    model = build("llama", head_dim=16)  # GQA 4:2, 512 positions
     methods = {
         "dense": None,
         "sink_local": SinkLocal(sink_tokens=4, window_tokens=60, block_size=16),
@@ -75,7 +62,7 @@ def test_measure_rows_and_the_correctness_gate() -> None:
 
 
 def test_measure_takes_medians_after_a_warm_up_that_does_not_count() -> None:
-    model = _tiny_llama()
+    model = build("llama", head_dim=16)  # GQA 4:2, 512 positions
     window = SinkLocal(sink_tokens=4, window_tokens=60, block_size=16)
     (row,) = [
         r
