@@ -1,13 +1,13 @@
 """sparse_attn: sparse attention for long-context LLM serving.
 
-Patterns (S2, SinkLocal, MoA, BlockSparse, Dense) compile to two sparse formats (BlockLayout for
+Patterns (S2, SinkLocal, MoA, BlockSparse, Dense) and content-based methods (TopK, Quest) compile to two sparse formats (BlockLayout for
 prefill, TokenSelection for decode) that the kernels execute. Importing this package has no side
 effects: no CUDA calls, no environment writes, no optional dependency imports.
 """
 
 from typing import Any
 
-from .api import block_sparse_attention, sparse_attention, token_sparse_attention
+from .api import block_sparse_attention, select, sparse_attention, token_sparse_attention
 from .block_layout import BlockLayout
 from .config import SparseAttentionConfig
 from .errors import (
@@ -24,7 +24,18 @@ from .errors import (
 )
 from .fallback import fallback_counts, reset_fallback_counts
 from .merge import merge_attention
-from .methods import S2, BlockSparse, Dense, MoA, SinkLocal, StaticMethod
+from .methods import (
+    S2,
+    BlockSparse,
+    Dense,
+    DynamicMethod,
+    MoA,
+    Quest,
+    SideSpec,
+    SinkLocal,
+    StaticMethod,
+    TopK,
+)
 from .token_selection import TokenSelection
 
 __version__ = "0.1.0"
@@ -40,20 +51,25 @@ __all__ = [
     "Dense",
     "DenseFallbackError",
     "DeviceError",
+    "DynamicMethod",
     "LayoutError",
     "MoA",
     "PlanFileError",
+    "Quest",
     "ShapeError",
+    "SideSpec",
     "SinkLocal",
     "SparseAttentionConfig",
     "SparseAttnError",
     "StaticMethod",
     "TokenSelection",
+    "TopK",
     "block_sparse_attention",
     "fallback_counts",
     "merge_attention",
     "patch",
     "reset_fallback_counts",
+    "select",
     "sparse_attention",
     "stats",
     "token_sparse_attention",

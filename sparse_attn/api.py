@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from .block_layout import BlockLayout
 from .config import SparseAttentionConfig
 from .env import BACKENDS, read_settings
-from .errors import BackendError, LayoutError, ShapeError
+from .errors import BackendError, ConfigError, LayoutError, ShapeError
 from .fallback import GLOBAL_FALLBACKS
 from .kernels import block_sparse_attention_torch, token_sparse_attention_torch
-from .methods import Dense, StaticMethod
-from .planning import plan_heads, resolve_layer
+from .methods import Dense, DynamicMethod, Method
+from .planning import dynamic_of, plan_heads, resolve_layer
+from .side_data import check_side, compute_side_data
 from .token_selection import TokenSelection
 from .validation import AttnShape, check_qkv, check_scale, resolve_lengths
 
@@ -24,6 +25,7 @@ logger = logging.getLogger("sparse_attn")
 _logged_choices: set[tuple[str, str]] = set()
 
 Result = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Selection = TokenSelection | BlockLayout | None
 
 
 def select_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -128,7 +130,7 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    method: StaticMethod | SparseAttentionConfig | None,
+    method: Method | SparseAttentionConfig | None,
     *,
     causal: bool = True,
     scale: float | None = None,
@@ -136,6 +138,7 @@ def sparse_attention(
     q_lens: object = None,
     kv_lens: object = None,
     layer_idx: int = 0,
+    side: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> Result:
     """Sparse attention of q [B, Hq, Sq, D] over k, v [B, Hkv, Skv, D] with a pattern.
@@ -144,6 +147,11 @@ def sparse_attention(
     Causal alignment is bottom-right: query i of row b sits at position kv_lens[b] - q_lens[b] + i.
     Returns out [B, Hq, Sq, Dv] in q's dtype, and lse [B, Hq, Sq] when ``return_lse``. This plans on
     every call; to reuse a plan, call ``method.plan(...)`` once and ``block_sparse_attention`` many times.
+
+    Dynamic methods (TopK, Quest) select from the content on every call: a call with one query per
+    row (Sq == 1) is a decode step and runs a TokenSelection, a longer one a prefill. ``side`` passes
+    precomputed side data (``sparse_attn.side_data``); without it it is computed from k.
+    ``sparse_attn.select`` returns the selection this call makes.
     """
     shape = check_qkv(q, k, v)
     sc = check_scale(scale, shape.head_dim)
@@ -153,10 +161,94 @@ def sparse_attention(
     if isinstance(method, SparseAttentionConfig) and shape.batch and int(kvl.max()) < method.min_seq_len:
         GLOBAL_FALLBACKS.record("min_seq_len", strict=method.strict)
         methods = [None] * shape.num_heads
-    layout = plan_heads(methods, ql, kvl, shape.num_kv_heads, causal)
+    dynamic = dynamic_of(methods)
+    if dynamic is not None:
+        plan = _select(dynamic, q, k, shape, ql, kvl, causal, sc, side)
+        if isinstance(plan, TokenSelection):
+            return _run_selection(q, k, v, plan, ql, kvl, causal, sc, return_lse, chosen)
+        layout = plan
+    else:
+        if side is not None:
+            raise ConfigError("side: only dynamic methods (TopK, Quest, ...) take side data")
+        layout = plan_heads(methods, ql, kvl, shape.num_kv_heads, causal)
     if layout is None:
         return _dense(q, k, v, shape, ql, kvl, causal, sc, return_lse, chosen)
     return _run_layout(q, k, v, layout, sc, return_lse, chosen)
+
+
+def select(
+    method: DynamicMethod | SparseAttentionConfig,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    q_lens: object = None,
+    kv_lens: object = None,
+    layer_idx: int = 0,
+    side: torch.Tensor | None = None,
+) -> Selection:
+    """The selection ``sparse_attention`` makes for a dynamic method (plan without running).
+
+    Decode (Sq == 1): a TokenSelection [B, Hkv, k] (ascending key indices per KV head, shared by the
+    GQA group). Prefill: the method's BlockLayout, the plan of its static ``prefill`` method, or None
+    when its prefill is dense. Run them with ``token_sparse_attention`` / ``block_sparse_attention``.
+    """
+    shape = check_qkv(q, k, k)
+    sc = check_scale(scale, shape.head_dim)
+    ql, kvl = resolve_lengths(shape, q_lens, kv_lens, causal)
+    dynamic = dynamic_of(resolve_layer(method, layer_idx, shape.num_heads))
+    if dynamic is None:
+        raise ConfigError(
+            f"select needs a dynamic method (TopK, Quest, ...) for layer {layer_idx}, got {method!r}; "
+            "static methods plan from lengths: method.plan(q_lens, kv_lens, num_heads, num_kv_heads)"
+        )
+    return _select(dynamic, q, k, shape, ql, kvl, causal, sc, side)
+
+
+def _select(
+    method: DynamicMethod,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    shape: AttnShape,
+    ql: torch.Tensor,
+    kvl: torch.Tensor,
+    causal: bool,
+    scale: float,
+    side: torch.Tensor | None,
+) -> Selection:
+    method.check_fits(shape.num_heads, shape.num_kv_heads)
+    if shape.q_len == 1:
+        if side is None:
+            side = compute_side_data(method, k, kvl)
+        else:
+            check_side(side, method, k)
+        keys = k if method.needs_keys else None
+        return method.select_decode(q, keys, side, kvl, ql, scale, causal)
+    if side is not None:
+        check_side(side, method, k)
+    layout = method.select_prefill(q, k, ql, kvl, scale, causal)
+    if layout is None and method.prefill is not None:
+        layout = method.prefill.plan(ql, kvl, shape.num_heads, shape.num_kv_heads, causal=causal)
+    return layout
+
+
+def _run_selection(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: TokenSelection,
+    ql: torch.Tensor,
+    kvl: torch.Tensor,
+    causal: bool,
+    scale: float,
+    return_lse: bool,
+    backend: str,
+) -> Result:
+    return token_sparse_attention(
+        q, k, v, selection, scale=scale, return_lse=return_lse, causal=causal, q_lens=ql, kv_lens=kvl,
+        backend=backend,
+    )
 
 
 def block_sparse_attention(

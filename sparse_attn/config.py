@@ -9,18 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .methods import StaticMethod, method_from_dict
+from .methods import DynamicMethod, Method, StaticMethod, method_from_dict
 
 SCHEMA_VERSION = 1
 
-Method = StaticMethod
-
 
 def _check_method(value: object, where: str) -> Method | None:
-    if value is None or isinstance(value, StaticMethod):
+    if value is None or isinstance(value, (StaticMethod, DynamicMethod)):
         return value
     raise ConfigError(
-        f"{where} must be a method config (S2, SinkLocal, ...) or None for dense, got {value!r}"
+        f"{where} must be a method config (S2, SinkLocal, TopK, Quest, ...) or None for dense, got {value!r}"
     )
 
 
@@ -37,6 +35,9 @@ def _check_index(value: object, where: str, limit: int | None) -> int:
 @dataclass(frozen=True)
 class SparseAttentionConfig:
     """Per-layer, per-head choice of sparse method.
+
+    Static methods mix freely across the heads of a layer; a dynamic method (TopK, Quest) serves
+    every head of its layer (ConfigError otherwise) and mixes with static methods across layers.
 
     Resolution for (layer, head): a ``heads`` override, else a ``layers`` override, else dense when the
     layer is in ``dense_layers``, else ``default``. None means dense. Sequences shorter than
@@ -107,7 +108,15 @@ class SparseAttentionConfig:
             raise ConfigError(
                 f"heads[{layer_idx}] names heads {extra}, but the layer has num_heads={num_heads}"
             )
-        return [self.method_for(layer_idx, h) for h in range(num_heads)]
+        methods = [self.method_for(layer_idx, h) for h in range(num_heads)]
+        dynamic = {m for m in methods if isinstance(m, DynamicMethod)}
+        if dynamic and (len(dynamic) > 1 or any(m not in dynamic for m in methods)):
+            raise ConfigError(
+                f"layer {layer_idx} mixes a dynamic method ({sorted(m.name for m in dynamic)}) with other "
+                "methods or dense heads: a dynamic method selects per KV head and keeps per-layer side "
+                "data, so it must serve every head of its layer (mix methods across layers instead)"
+            )
+        return methods
 
     # JSON ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -11,22 +11,28 @@ import torch
 from .block_layout import NO_WINDOW, BlockLayout
 from .config import SparseAttentionConfig
 from .errors import ConfigError
-from .methods import Dense, StaticMethod
+from .methods import Dense, DynamicMethod, Method, StaticMethod
 from .methods.base import expand_heads
 
 
-def resolve_layer(method: object, layer_idx: int, num_heads: int) -> list[StaticMethod | None]:
+def resolve_layer(method: object, layer_idx: int, num_heads: int) -> list[Method | None]:
     """Per-query-head methods of one layer (None = dense)."""
     if isinstance(method, SparseAttentionConfig):
         return method.methods_for_layer(layer_idx, num_heads)
-    if isinstance(method, StaticMethod):
+    if isinstance(method, (StaticMethod, DynamicMethod)):
         return [method.for_layer(layer_idx)] * num_heads
     if method is None:
         return [None] * num_heads
     raise ConfigError(
-        f"method must be a method config (S2, SinkLocal, MoA, BlockSparse, Dense), a SparseAttentionConfig "
-        f"or None, got {type(method).__name__}"
+        f"method must be a method config (S2, SinkLocal, MoA, BlockSparse, Dense, TopK, Quest), a "
+        f"SparseAttentionConfig or None, got {type(method).__name__}"
     )
+
+
+def dynamic_of(methods: list[Method | None] | tuple[Method | None, ...]) -> DynamicMethod | None:
+    """The layer's dynamic method (it serves every head: SparseAttentionConfig ensures it), or None."""
+    first = methods[0] if methods else None
+    return first if isinstance(first, DynamicMethod) else None
 
 
 def plan_heads(
@@ -40,6 +46,13 @@ def plan_heads(
     num_heads = len(methods)
     if all(m is None for m in methods):
         return None
+    dynamic = [m for m in methods if isinstance(m, DynamicMethod)]
+    if dynamic:
+        raise ConfigError(
+            f"{type(dynamic[0]).__name__} is a dynamic method: it selects keys from the queries and keys, so "
+            "it has no plan from lengths alone; run it with sparse_attention(q, k, v, method) or "
+            "sparse_attn.select(method, q, k, ...)"
+        )
     distinct = list(dict.fromkeys(m for m in methods if m is not None))
     if len(distinct) == 1 and None not in methods:
         return distinct[0].plan(q_lens, kv_lens, num_heads, num_kv_heads, causal=causal)

@@ -8,14 +8,21 @@ from ..errors import ConfigError
 from .base import StaticMethod
 from .block_sparse import BlockSparse
 from .dense import Dense
+from .dynamic import DynamicMethod, SideSpec
 from .moa import MoA
+from .quest import Quest
 from .s2 import S2
 from .sink_local import SinkLocal
+from .topk import TopK
 
-METHODS: dict[str, type[StaticMethod]] = {cls.name: cls for cls in (Dense, SinkLocal, S2, MoA, BlockSparse)}
+Method = StaticMethod | DynamicMethod
+
+METHODS: dict[str, type[StaticMethod] | type[DynamicMethod]] = {
+    cls.name: cls for cls in (Dense, SinkLocal, S2, MoA, BlockSparse, TopK, Quest)
+}
 
 
-def method_from_dict(data: dict[str, Any]) -> StaticMethod:
+def method_from_dict(data: dict[str, Any]) -> Method:
     """Rebuild a method from ``to_dict()`` output; ConfigError for unknown names or parameters."""
     if not isinstance(data, dict) or "method" not in data:
         raise ConfigError(f"a method entry must be an object with a 'method' key, got {data!r}")
@@ -30,4 +37,18 @@ def method_from_dict(data: dict[str, Any]) -> StaticMethod:
         raise ConfigError(f"bad parameters for method {name!r}: {exc}") from exc
 
 
-__all__ = ["METHODS", "S2", "BlockSparse", "Dense", "MoA", "SinkLocal", "StaticMethod", "method_from_dict"]
+__all__ = [
+    "METHODS",
+    "S2",
+    "BlockSparse",
+    "Dense",
+    "DynamicMethod",
+    "Method",
+    "MoA",
+    "Quest",
+    "SideSpec",
+    "SinkLocal",
+    "StaticMethod",
+    "TopK",
+    "method_from_dict",
+]

@@ -1,0 +1,139 @@
+"""Quest: query-aware block selection from per-block key bounds (Tang et al., 2024).
+
+Side data, per block of ``block_size`` keys (a power of two, default 16) and KV head: the elementwise
+min and max of the block's keys, ``[2, D]`` in the keys' dtype. For a query ``q`` the block's score is
+the upper bound ``sum_d max(q_d * min_d, q_d * max_d) >= max_{j in block} q.k_j``. The GQA group
+shares one selection: each query head's bounds (scaled) go through a softmax over blocks and the
+group sums them (in the log domain), as TopK aggregates exact scores.
+
+Decode keeps the first ``sink_tokens`` keys, the last ``local_tokens`` keys and the current (last,
+partly filled) block, then the best-scoring other blocks, whole, as many as fit in what is left of
+the budget (``floor(left / block_size)``); a budget that covers the row keeps every key. Quest has no
+prefill selector: prefill runs ``prefill`` (a static method, or dense when None), by design.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..token_selection import TokenSelection
+from .base import StaticMethod
+from .dynamic import (
+    DynamicMethod,
+    SideSpec,
+    always_kept,
+    check_decode_inputs,
+    group_log_mass,
+    mask_to_selection,
+    top_by_score,
+)
+
+
+@dataclass(frozen=True)
+class Quest(DynamicMethod):
+    """Quest block selection. ``density`` or ``tokens`` (default 1024 tokens, the paper's common budget)
+    counts every selected key; ``block_size`` is Quest's page of keys (16)."""
+
+    name: ClassVar[str] = "quest"
+    default_tokens: ClassVar[int | None] = 1024
+    density: float | None = None
+    tokens: int | None = None
+    sink_tokens: int = 4
+    local_tokens: int = 16
+    block_size: int = 16
+    prefill: StaticMethod | None = None
+
+    def __post_init__(self) -> None:
+        self._check_budget()
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0 or bs & (bs - 1):
+            raise ConfigError(f"block_size must be a positive power of two (Quest's key block), got {bs!r}")
+
+    def side_spec(self, head_dim: int) -> SideSpec:
+        return SideSpec("block", self.block_size, (2, head_dim))
+
+    def compute_side(self, keys: torch.Tensor, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+        return block_min_max(keys, self.block_size, kv_lens)
+
+    def select_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        side: torch.Tensor | None,
+        kv_lens: torch.Tensor,
+        q_lens: torch.Tensor,
+        scale: float,
+        causal: bool,
+    ) -> TokenSelection:
+        assert side is not None, "Quest selects from its block side data"
+        b, _, _ = check_decode_inputs(q, side, "side")
+        bs = self.block_size
+        kvl = kv_lens.to("cpu", torch.int64)
+        n = int(kvl.max()) if b else 0
+        nb = -(-n // bs)
+        dev = q.device
+        bounds = block_bounds(q, side[:, :, :nb], scale)  # [B, Hkv, G*Sq, nb]
+        blk = torch.arange(nb, device=dev)
+        block_ok = blk[None, :] * bs < kvl.to(dev)[:, None]  # [B, nb]
+        sq = q.shape[2]
+        row_ok = torch.arange(sq, device=dev).repeat(bounds.shape[2] // max(sq, 1))[None, :] < q_lens.to(dev)[:, None]
+        ok = block_ok[:, None, None, :] & row_ok[:, None, :, None]
+        score = group_log_mass(bounds.masked_fill(~ok, float("-inf")))  # [B, Hkv, nb]
+
+        kept = always_kept(kvl, n, self.sink_tokens, self.local_tokens, dev)  # [B, n]
+        j = torch.arange(n, device=dev)
+        last_block = ((kvl - 1).clamp(min=0) // bs).to(dev)
+        kept = kept | ((j[None, :] // bs == last_block[:, None]) & (j[None, :] < kvl.to(dev)[:, None]))
+        budget = self.budget(kvl)
+        left = (budget - kept.sum(-1).cpu()).clamp(min=0)
+        n_blocks = left // bs
+        # blocks entirely kept already are no candidates
+        padded = torch.zeros(b, nb * bs, dtype=torch.bool, device=dev)
+        padded[:, :n] = kept | (j[None, :] >= kvl.to(dev)[:, None])
+        covered = padded.view(b, nb, bs).all(-1)
+        score = score.masked_fill(covered[:, None, :], float("-inf"))
+        chosen = top_by_score(score, torch.zeros_like(score, dtype=torch.bool), n_blocks[:, None])
+        tokens = chosen.repeat_interleave(bs, dim=-1)[..., :n] | kept[:, None]
+        everything = (budget >= kvl).to(dev)[:, None, None]
+        tokens = (tokens | everything) & (j[None, None, :] < kvl.to(dev)[:, None, None])
+        return mask_to_selection(tokens)
+
+
+def block_min_max(keys: torch.Tensor, block: int, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise min and max of each block of keys: keys [..., n, D] (n a multiple of ``block``) ->
+    [..., n / block, 2, D] (index 0 min, 1 max) in the keys' dtype. Keys at or past ``kv_lens``
+    (broadcast against the leading dims) are left out; a block with no key gets zeros."""
+    *lead, n, d = keys.shape
+    if n % block:
+        raise ConfigError(f"keys cover {n} positions, not a whole number of {block}-key blocks")
+    blocks = keys.reshape(*lead, n // block, block, d)
+    if kv_lens is None:
+        return torch.stack((blocks.amin(-2), blocks.amax(-2)), dim=-2)
+    j = torch.arange(n, device=keys.device).view(n // block, block)
+    present = (j < kv_lens.to(keys.device).reshape(*kv_lens.shape, 1, 1))  # [..., nb, block]
+    present = present.reshape(*present.shape, 1)
+    big = torch.finfo(keys.dtype).max
+    lo = torch.where(present, blocks, torch.full_like(blocks, big)).amin(-2)
+    hi = torch.where(present, blocks, torch.full_like(blocks, -big)).amax(-2)
+    empty = ~present.any(-2)  # [..., nb, 1]
+    lo = lo.masked_fill(empty, 0)
+    hi = hi.masked_fill(empty, 0)
+    return torch.stack((lo, hi), dim=-2)
+
+
+def block_bounds(q: torch.Tensor, side: torch.Tensor, scale: float) -> torch.Tensor:
+    """Quest's upper bounds, scaled: q [B, Hq, Sq, D], side [B, Hkv, nb, 2, D] ->
+    [B, Hkv, G*Sq, nb] with ``sum_d max(q_d min_d, q_d max_d) * scale`` (per query head and query)."""
+    b, hq, sq, d = q.shape
+    hkv = side.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.reshape(b, hkv, (hq // hkv) * sq, d).to(acc)
+    lo = side[..., 0, :].to(acc)  # [B, Hkv, nb, D]
+    hi = side[..., 1, :].to(acc)
+    # max(q*lo, q*hi) = q*hi where q >= 0, q*lo where q < 0 (lo <= hi)
+    bound = torch.matmul(qg.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(qg.clamp(max=0), lo.transpose(-1, -2))
+    return bound * scale
