@@ -163,7 +163,7 @@ def sparse_attention(
         methods = [None] * shape.num_heads
     dynamic = dynamic_of(methods)
     if dynamic is not None:
-        plan = _select(dynamic, q, k, shape, ql, kvl, causal, sc, side)
+        plan = _select(dynamic, q, k, shape, ql, kvl, causal, sc, side, chosen)
         if isinstance(plan, TokenSelection):
             return _run_selection(q, k, v, plan, ql, kvl, causal, sc, return_lse, chosen)
         layout = plan
@@ -187,6 +187,7 @@ def select(
     kv_lens: object = None,
     layer_idx: int = 0,
     side: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> Selection:
     """The selection ``sparse_attention`` makes for a dynamic method (plan without running).
 
@@ -203,7 +204,7 @@ def select(
             f"select needs a dynamic method (TopK, Quest, ...) for layer {layer_idx}, got {method!r}; "
             "static methods plan from lengths: method.plan(q_lens, kv_lens, num_heads, num_kv_heads)"
         )
-    return _select(dynamic, q, k, shape, ql, kvl, causal, sc, side)
+    return _select(dynamic, q, k, shape, ql, kvl, causal, sc, side, select_backend(backend, q.device, q.dtype))
 
 
 def _select(
@@ -216,6 +217,7 @@ def _select(
     causal: bool,
     scale: float,
     side: torch.Tensor | None,
+    backend: str,
 ) -> Selection:
     method.check_fits(shape.num_heads, shape.num_kv_heads)
     if shape.q_len == 1:
@@ -224,10 +226,10 @@ def _select(
         else:
             check_side(side, method, k)
         keys = k if method.needs_keys else None
-        return method.select_decode(q, keys, side, kvl, ql, scale, causal)
+        return method.select_decode(q, keys, side, kvl, ql, scale, causal, backend)
     if side is not None:
         check_side(side, method, k)
-    layout = method.select_prefill(q, k, ql, kvl, scale, causal)
+    layout = method.select_prefill(q, k, ql, kvl, scale, causal, backend)
     if layout is None and method.prefill is not None:
         layout = method.prefill.plan(ql, kvl, shape.num_heads, shape.num_kv_heads, causal=causal)
     return layout

@@ -15,7 +15,8 @@ and vLLM, because a method only ever sees plain tensors:
   prefix-cached page is valid for every request sharing it, and block data can be recomputed for the
   blocks a step touched (idempotent under chunked prefill and rollback).
 - **select_decode**: queries + side data (+ keys when ``needs_keys``) -> a ``TokenSelection`` per KV
-  head (shared by the GQA group), ascending key indices.
+  head (shared by the GQA group), ascending key indices. ``backend`` ("torch" or "triton", the
+  dispatch's choice for the call) says where the scoring runs; the result is the same.
 - **select_prefill**: a ``BlockLayout`` for prefill, or None when the method has no prefill
   selector; the prefill then runs ``prefill`` (a static method, or dense when None). That is the
   method's design, reported in stats as such, never counted as a dense fallback.
@@ -140,6 +141,7 @@ class DynamicMethod:
         q_lens: torch.Tensor,  # [B] host
         scale: float,
         causal: bool,
+        backend: str = "torch",
     ) -> TokenSelection:
         raise NotImplementedError
 
@@ -151,6 +153,7 @@ class DynamicMethod:
         kv_lens: torch.Tensor,
         scale: float,
         causal: bool,
+        backend: str = "torch",
     ) -> BlockLayout | None:
         """A prefill layout chosen from the content, or None: the prefill runs ``prefill``."""
         return None

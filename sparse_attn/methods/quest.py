@@ -68,6 +68,7 @@ class Quest(DynamicMethod):
         q_lens: torch.Tensor,
         scale: float,
         causal: bool,
+        backend: str = "torch",
     ) -> TokenSelection:
         assert side is not None, "Quest selects from its block side data"
         b, _, _ = check_decode_inputs(q, side, "side")

@@ -68,6 +68,7 @@ class TopK(DynamicMethod):
         q_lens: torch.Tensor,
         scale: float,
         causal: bool,
+        backend: str = "torch",
     ) -> TokenSelection:
         assert k is not None, "TopK reads the keys"
         scores = exact_scores(q, k, kv_lens, q_lens, scale, causal)  # [B, Hkv, G*Sq, N]
@@ -86,6 +87,7 @@ class TopK(DynamicMethod):
         kv_lens: torch.Tensor,
         scale: float,
         causal: bool,
+        backend: str = "torch",
     ) -> BlockLayout:
         b, hkv, _ = check_decode_inputs(q, k, "k")
         ql, kvl = q_lens.to("cpu", torch.int64), kv_lens.to("cpu", torch.int64)
