@@ -27,15 +27,18 @@ from typing import Any
 
 import torch
 
-from ..api import block_sparse_attention
+from ..api import block_sparse_attention, select_backend, token_sparse_attention
 from ..block_layout import BlockLayout
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
 from ..fallback import FallbackCounter
-from ..methods import Dense, StaticMethod
+from ..methods import Dense, DynamicMethod, StaticMethod
 from ..methods.windowed import SinkOutsideWindowError, Windowed
-from ..planning import plan_heads
+from ..planning import dynamic_of, plan_heads
 from ..presets import resolve_config
+from ..side_data import ContiguousSideStore
+from ..token_selection import TokenSelection
+from ..validation import check_scale
 from .padding import RowSpans, read_mask
 
 ATTN_IMPLEMENTATION = "sparse_attn"
@@ -92,13 +95,23 @@ def register() -> None:
 
 @dataclass
 class LayerState:
-    """What the patch keeps for one layer: call counts, the last layout, and ``data`` for methods that
-    carry state between calls (calibration, gates, cached selections); freed with the patch."""
+    """What the patch keeps for one layer: call counts, the last layout or decode selection (with the
+    key counts it was made for, in right-padded row coordinates), a dynamic method's side-data
+    ``store`` and ``data`` for methods that carry other state between calls; freed with the patch."""
 
     calls: int = 0
     sparse_calls: int = 0
     last_layout: BlockLayout | None = None
+    last_selection: TokenSelection | None = None
+    last_kv_lens: torch.Tensor | None = None
+    store: ContiguousSideStore | None = None
     data: dict[str, Any] = field(default_factory=dict)
+
+    def density(self) -> float | None:
+        """Measured density of the last sparse call: its selection's, else its layout's."""
+        if self.last_selection is not None and self.last_kv_lens is not None:
+            return self.last_selection.density(self.last_kv_lens)
+        return None if self.last_layout is None else self.last_layout.density()
 
 
 @dataclass(frozen=True)
@@ -141,11 +154,13 @@ class SparsePatch:
             "sparse_calls": self.calls["sparse"],
             "dense_calls": self.calls["dense"],
             "fallbacks": self.fallbacks.counts(),
+            "prefill_by_design": self.calls["prefill_by_design"],
             "layers": {
                 i: {
                     "calls": s.calls,
                     "sparse_calls": s.sparse_calls,
-                    "density": None if s.last_layout is None else s.last_layout.density(),
+                    "density": s.density(),
+                    **({} if s.store is None else {"side_rebuilds": s.store.rebuilds}),
                 }
                 for i, s in sorted(self.layers.items())
             },
@@ -184,6 +199,14 @@ class SparsePatch:
             return self._fallback(
                 "min_seq_len", module, query, key, value, attention_mask, dropout, scaling, kwargs
             )
+        dynamic = dynamic_of(methods)
+        if dynamic is not None:
+            if window is not None and int(spans.kv_lens.max()) > window:
+                return self._fallback(
+                    "dynamic_window", module, query, key, value, attention_mask, dropout, scaling, kwargs
+                )
+            args = (module, query, key, value, attention_mask, dropout, scaling, kwargs)
+            return self._attend_dynamic(dynamic, state, spans, causal, args)
         if window is not None:
             block = next(m.block_size for m in methods if m is not None)
             methods = [Windowed(Dense(block_size=block) if m is None else m, window) for m in methods]
@@ -200,6 +223,51 @@ class SparsePatch:
         self.calls["sparse"] += 1
         state.sparse_calls += 1
         state.last_layout = layout
+        return out.transpose(1, 2).contiguous(), None
+
+    def _attend_dynamic(
+        self,
+        method: DynamicMethod,
+        state: LayerState,
+        spans: RowSpans,
+        causal: bool,
+        args: tuple[Any, ...],
+    ) -> tuple[torch.Tensor, Any]:
+        """A content-based layer: decode selects from the side data (kept in the layer's store) or the
+        keys; prefill runs the method's prefill selector, its static ``prefill`` method or the model's
+        own attention (dense by design, counted as ``prefill_by_design``, not as a fallback)."""
+        _, query, key, value, _, _, scaling, _ = args
+        sc = check_scale(scaling, query.shape[-1])
+        backend = select_backend("auto", query.device, query.dtype)
+        q, k, v = spans.to_right_padded(query, key, value)
+        if state.store is None or state.store.method != method:
+            state.store = ContiguousSideStore(method)
+        decode = query.shape[2] == 1
+        if decode:
+            side = state.store.update(k, spans.kv_lens, new_tokens=1)
+            keys = k if method.needs_keys else None
+            sel = method.select_decode(q, keys, side, spans.kv_lens, spans.q_lens, sc, causal, backend)
+            out = token_sparse_attention(
+                q, k, v, sel, scale=sc, causal=causal, q_lens=spans.q_lens, kv_lens=spans.kv_lens
+            )
+            state.last_selection, state.last_kv_lens, state.last_layout = sel, spans.kv_lens, None
+        else:
+            # the next decode step rebuilds the side data from this prefill's keys
+            state.store.reset()
+            layout = method.select_prefill(q, k, spans.q_lens, spans.kv_lens, sc, causal, backend)
+            if layout is None and method.prefill is not None:
+                layout = self._plan(
+                    [method.prefill] * query.shape[1], spans, key.shape[1], causal, query.device
+                )
+            if layout is None:
+                self.calls["prefill_by_design"] += 1
+                return self._original(*args)
+            out = block_sparse_attention(q, k, v, layout.to(query.device), scale=sc)
+            state.last_layout, state.last_selection = layout, None
+        assert isinstance(out, torch.Tensor)
+        out = spans.from_right_padded(out, query.shape[2])
+        self.calls["sparse"] += 1
+        state.sparse_calls += 1
         return out.transpose(1, 2).contiguous(), None
 
     def _layer_of(self, module: torch.nn.Module) -> int:
@@ -239,7 +307,7 @@ class SparsePatch:
 
     def _plan(
         self,
-        methods: list[StaticMethod | None],
+        methods: list[StaticMethod | None] | list[StaticMethod],
         spans: RowSpans,
         num_kv_heads: int,
         causal: bool,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import SparseAttentionConfig
 from .errors import ConfigError
-from .methods import S2, BlockSparse, Dense, SinkLocal, StaticMethod
+from .methods import S2, BlockSparse, Dense, DynamicMethod, Quest, SinkLocal, StaticMethod, TopK
 
 PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
     # Every key through the sparse kernels: the dense-equivalent check of an integration.
@@ -18,6 +18,10 @@ PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
     "s2": lambda: SparseAttentionConfig(default=S2()),
     # Block-granular A-shape: the first block plus 16 local blocks of 64 keys.
     "a_shape": lambda: SparseAttentionConfig(default=BlockSparse(sink_blocks=1, local_blocks=16)),
+    # Exact top-k at 5% of the keys (the accuracy ceiling of content-based selection).
+    "topk": lambda: SparseAttentionConfig(default=TopK()),
+    # Quest: 16-key blocks, 1024-token budget, dense prefill.
+    "quest": lambda: SparseAttentionConfig(default=Quest()),
 }
 
 
@@ -25,7 +29,7 @@ def resolve_config(spec: object) -> SparseAttentionConfig:
     """A SparseAttentionConfig from a config, a method, a preset name, a JSON file path or a dict."""
     if isinstance(spec, SparseAttentionConfig):
         return spec
-    if isinstance(spec, StaticMethod):
+    if isinstance(spec, (StaticMethod, DynamicMethod)):
         return SparseAttentionConfig(default=spec)
     if isinstance(spec, dict):
         return SparseAttentionConfig.from_dict(spec)
