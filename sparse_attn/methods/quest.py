@@ -77,7 +77,7 @@ class Quest(DynamicMethod):
         n = int(kvl.max()) if b else 0
         nb = -(-n // bs)
         dev = q.device
-        bounds = block_bounds(q, side[:, :, :nb], scale)  # [B, Hkv, G*Sq, nb]
+        bounds = block_bounds(q, side[:, :, :nb], scale, backend)  # [B, Hkv, G*Sq, nb]
         blk = torch.arange(nb, device=dev)
         block_ok = blk[None, :] * bs < kvl.to(dev)[:, None]  # [B, nb]
         sq = q.shape[2]
@@ -126,9 +126,14 @@ def block_min_max(keys: torch.Tensor, block: int, kv_lens: torch.Tensor | None =
     return torch.stack((lo, hi), dim=-2)
 
 
-def block_bounds(q: torch.Tensor, side: torch.Tensor, scale: float) -> torch.Tensor:
+def block_bounds(q: torch.Tensor, side: torch.Tensor, scale: float, backend: str = "torch") -> torch.Tensor:
     """Quest's upper bounds, scaled: q [B, Hq, Sq, D], side [B, Hkv, nb, 2, D] ->
-    [B, Hkv, G*Sq, nb] with ``sum_d max(q_d min_d, q_d max_d) * scale`` (per query head and query)."""
+    [B, Hkv, G*Sq, nb] with ``sum_d max(q_d min_d, q_d max_d) * scale`` (per query head and query).
+    ``backend`` "triton" computes them with the Triton bound kernel (same values up to fp32 rounding)."""
+    if backend == "triton":
+        from ..api import _triton
+
+        return _triton("dynamic_scores").quest_bounds(q, side, scale)
     b, hq, sq, d = q.shape
     hkv = side.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -71,7 +71,7 @@ class TopK(DynamicMethod):
         backend: str = "torch",
     ) -> TokenSelection:
         assert k is not None, "TopK reads the keys"
-        scores = exact_scores(q, k, kv_lens, q_lens, scale, causal)  # [B, Hkv, G*Sq, N]
+        scores = exact_scores(q, k, kv_lens, q_lens, scale, causal, backend)  # [B, Hkv, G*Sq, N]
         score = group_log_mass(scores)  # [B, Hkv, N]
         b, hkv, n = score.shape
         forced = always_kept(kv_lens, n, self.sink_tokens, self.local_tokens, score.device)
@@ -130,10 +130,16 @@ def exact_scores(
     q_lens: torch.Tensor,
     scale: float,
     causal: bool,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Scaled logits of every (group query row, key): [B, Hkv, G*Sq, Skv], -inf where not allowed
-    (key past the row's length, padding query, or a key after the query when causal)."""
+    (key past the row's length, padding query, or a key after the query when causal). ``backend``
+    "triton" computes them with the Triton scoring kernel (same values up to fp32 rounding)."""
     b, hkv, g = check_decode_inputs(q, k, "k")
+    if backend == "triton":
+        from ..api import _triton
+
+        return _triton("dynamic_scores").topk_scores(q, k, q_lens, kv_lens, causal=causal, scale=scale)
     sq, d, n = q.shape[2], q.shape[3], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.reshape(b, hkv, g * sq, d).to(acc)
