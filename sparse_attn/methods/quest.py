@@ -93,7 +93,7 @@ class Quest(DynamicMethod):
         left = (budget - kept.sum(-1).cpu()).clamp(min=0)
         n_blocks = left // bs
         # blocks entirely kept already are no candidates
-        padded = torch.zeros(b, nb * bs, dtype=torch.bool, device=dev)
+        padded = torch.ones(b, nb * bs, dtype=torch.bool, device=dev)  # positions past n: absent
         padded[:, :n] = kept | (j[None, :] >= kvl.to(dev)[:, None])
         covered = padded.view(b, nb, bs).all(-1)
         score = score.masked_fill(covered[:, None, :], float("-inf"))
