@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 
 def budget(kv_len: int, density: float | None, tokens: int | None) -> int:
     want = tokens if tokens is not None else math.ceil(kv_len * density)

@@ -156,7 +156,7 @@ def test_prefill_oracle_tiles_long_rows_without_an_n_by_n_matrix(monkeypatch) ->
     from sparse_attn.methods import topk
 
     monkeypatch.setattr(topk, "ORACLE_CHUNK_ELEMENTS", 4096)
-    q, k, v = make_qkv(1, 2, 1, 300, 300, 64, seed=6)
+    q, k, _ = make_qkv(1, 2, 1, 300, 300, 64, seed=6)
     small = sa.select(sa.TopK(density=0.1, block_size=16), q, k)
     monkeypatch.undo()
     big = sa.select(sa.TopK(density=0.1, block_size=16), q, k)
