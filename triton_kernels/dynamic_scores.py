@@ -255,7 +255,15 @@ def _kernels() -> tuple:
         )
         bounds = triton.jit(
             quest_bounds_fwd_kernel,
-            do_not_specialize=["stride_sb", "stride_sh", "stride_ob", "stride_oh", "stride_or", "NB", "N_TILES"],
+            do_not_specialize=[
+                "stride_sb",
+                "stride_sh",
+                "stride_ob",
+                "stride_oh",
+                "stride_or",
+                "NB",
+                "N_TILES",
+            ],
         )
         kernels = _JIT_CACHE[mode] = (scores, bounds)
     return kernels
@@ -347,7 +355,9 @@ def _validate(
             f"kv_lens={kl.tolist()}"
         )
     if block_table is not None and flags[1]:
-        raise ValueError(f"block_table has entries outside [0, num_pages={num_pages}) in pages that kv_lens use")
+        raise ValueError(
+            f"block_table has entries outside [0, num_pages={num_pages}) in pages that kv_lens use"
+        )
 
 
 def _tiles(rows: int, n: int, block_n: int) -> tuple[int, int, int]:
@@ -396,10 +406,14 @@ def topk_scores(
             raise ValueError("page_size is required with block_table")
         num_pages, ps, hkv, dk = k.shape
         if int(page_size) != ps:
-            raise ValueError(f"paged k must be [num_pages, page_size={page_size}, Hkv, D], got {tuple(k.shape)}")
+            raise ValueError(
+                f"paged k must be [num_pages, page_size={page_size}, Hkv, D], got {tuple(k.shape)}"
+            )
         block_table = _check_tensor("block_table", block_table, 2, f"[B={B}, max_pages]")
         if block_table.shape[0] != B:
-            raise ValueError(f"block_table must have shape [B={B}, max_pages], got {tuple(block_table.shape)}")
+            raise ValueError(
+                f"block_table must have shape [B={B}, max_pages], got {tuple(block_table.shape)}"
+            )
         if block_table.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"block_table must be int32/int64, got {block_table.dtype}")
         block_table = block_table.contiguous()
