@@ -6,22 +6,32 @@ plus the new tokens). A request with one new token is a decode; more is a (possi
 whose queries sit at the end of its keys, which is the bottom-right alignment of the sparse formats.
 Rows are split into decodes and prefills and into sparse and dense-fallback rows (shorter than
 ``min_seq_len``); each part is planned once per step and per distinct head-method list (layers with
-the same methods share a plan), then run on the paged cache.
+the same methods share a plan), then run on the paged cache. Layers with a dynamic method select
+per layer instead (``dynamic_step``).
+
+A row with one query is a decode unless vLLM says it is still prefilling (``prefilling``: the last
+chunk of a prompt may be one token): a dynamic method treats the prompt's queries as prefill
+wherever the chunks fall, as the Hugging Face path does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...block_layout import BlockLayout
-from ...methods import Dense, StaticMethod
+from ...methods import Dense, Method
 from ...paged import paged_block_sparse_attention, paged_token_sparse_attention
-from ...planning import plan_heads
+from ...planning import dynamic_of, plan_heads
 from ...token_selection import TokenSelection
 
-HeadMethods = tuple[StaticMethod | None, ...]
+if TYPE_CHECKING:
+    from ...paged_side import PagedSideStore
+    from .dynamic_step import Observer
+
+HeadMethods = tuple[Method | None, ...]
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,7 @@ class PagedStep:
     seq_lens: torch.Tensor  # [R] int64, host
     block_table: torch.Tensor  # [R, max_pages]
     min_seq_len: int = 0
+    prefilling: torch.Tensor | None = None  # [R] bool, host: still in the prompt (None: q_len > 1)
     _groups: list[RowGroup] | None = field(default=None, repr=False)
     _plans: dict[tuple[int, HeadMethods], BlockLayout | TokenSelection] = field(default_factory=dict, repr=False)
     _tables: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -123,6 +134,8 @@ class PagedStep:
             q_lens, kv_lens = self.q_lens, self.seq_lens
             active = q_lens > 0
             decode = q_lens == 1
+            if self.prefilling is not None:
+                decode = decode & ~self.prefilling.to(torch.bool)
             dense = kv_lens < self.min_seq_len
             groups = []
             for is_decode in (True, False):
@@ -162,7 +175,7 @@ class PagedStep:
         key = (gi, methods)
         if key not in self._plans:
             g = self.groups()[gi]
-            layout = plan_heads(list(methods), g.q_lens, g.kv_lens, shard.num_kv_heads, causal=True)
+            layout = plan_heads(list(methods), g.q_lens, g.kv_lens, shard.num_kv_heads, causal=True)  # type: ignore[arg-type]
             if layout is None:
                 layout = Dense().plan(g.q_lens, g.kv_lens, shard.num_heads, shard.num_kv_heads)
             layout = shard.local_layout(layout)
@@ -176,6 +189,25 @@ class PagedStep:
         return self._plans[key]
 
 
+def run_plan(
+    q: torch.Tensor,  # [G, Hq, Sq, D]
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    table: torch.Tensor,
+    plan: BlockLayout | TokenSelection,
+    group: RowGroup,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """Run one row group's plan on the paged cache: out [G, Hq, Sq, Dv]."""
+    if isinstance(plan, TokenSelection):
+        return paged_token_sparse_attention(
+            q, key_cache, value_cache, table, plan, kv_lens=group.kv_lens, q_lens=group.q_lens, scale=scale,
+            backend=backend,
+        )
+    return paged_block_sparse_attention(q, key_cache, value_cache, table, plan, scale=scale, backend=backend)
+
+
 def attend(
     query: torch.Tensor,  # [T, Hq_local, D]
     key_cache: torch.Tensor,  # [num_pages, page_size, Hkv_local, D]
@@ -186,20 +218,24 @@ def attend(
     scale: float,
     output: torch.Tensor,  # [T, Hq_local, Dv], written for every scheduled query token
     backend: str = "auto",
+    side: PagedSideStore | None = None,
+    observe: Observer | None = None,
 ) -> None:
-    """Sparse attention of one layer for every request of the step (dense-fallback rows densely)."""
+    """Sparse attention of one layer for every request of the step (dense-fallback rows densely).
+
+    ``methods`` are the model-wide query heads' methods. A dynamic layer selects from its queries,
+    keys and ``side`` (the layer's paged side data, written for this step's keys); ``observe`` sees
+    each of its selections."""
+    dynamic = dynamic_of(methods)
+    if dynamic is not None:
+        from .dynamic_step import attend_dynamic
+
+        attend_dynamic(query, key_cache, value_cache, step, dynamic, shard, scale, output, side, backend, observe)
+        return
     dense_methods: HeadMethods = (None,) * len(methods)
     for gi, g in enumerate(step.groups()):
         plan = step.plan(gi, dense_methods if g.dense else methods, shard)
         tokens, keep = step.token_index(gi)
         q = query[tokens].permute(0, 2, 1, 3)  # [G, Hq, Sq, D]
-        table = step.table(gi)
-        if isinstance(plan, TokenSelection):
-            out = paged_token_sparse_attention(
-                q, key_cache, value_cache, table, plan, kv_lens=g.kv_lens, scale=scale, backend=backend
-            )
-        else:
-            out = paged_block_sparse_attention(
-                q, key_cache, value_cache, table, plan, scale=scale, backend=backend
-            )
+        out = run_plan(q, key_cache, value_cache, step.table(gi), plan, g, scale, backend)
         output[tokens[keep]] = out.permute(0, 2, 1, 3)[keep].to(output.dtype)
