@@ -226,16 +226,15 @@ def top_by_score(
 
 
 def mask_to_selection(mask: torch.Tensor) -> TokenSelection:
-    """A TokenSelection (ascending indices) from bool [B, H, N]."""
+    """A TokenSelection (ascending indices) from bool [B, H, N], in O(N) (a scan, no sort)."""
     b, h, n = mask.shape
     counts = mask.sum(-1)
     k_max = int(counts.max()) if counts.numel() else 0
+    slot = torch.cumsum(mask, dim=-1) - 1  # target slot of every selected position
+    slot = torch.where(mask, slot, torch.full_like(slot, k_max))  # others go to a spare slot
     pos = torch.arange(n, device=mask.device).expand(b, h, n)
-    # selected positions first, in order: sort by (not selected, position)
-    keyed = torch.where(mask, pos, pos + n)
-    ordered = torch.sort(keyed, dim=-1).values[..., :k_max]
-    indices = torch.where(torch.arange(k_max, device=mask.device) < counts[..., None], ordered, 0)
-    return TokenSelection(indices.to(torch.int64), counts.to(torch.int64))
+    indices = torch.zeros(b, h, k_max + 1, dtype=torch.int64, device=mask.device).scatter_(-1, slot, pos)
+    return TokenSelection(indices[..., :k_max], counts.to(torch.int64))
 
 
 def check_decode_inputs(q: torch.Tensor, k_or_side: torch.Tensor, name: str) -> tuple[int, int, int]:
