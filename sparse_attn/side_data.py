@@ -88,6 +88,7 @@ class ContiguousSideStore:
 
     @property
     def side(self) -> torch.Tensor | None:
+        """The stored side data: [B, Hkv, capacity units, *shape] (capacity grows by doubling)."""
         return self._side
 
     def reset(self) -> None:
@@ -106,7 +107,8 @@ class ContiguousSideStore:
         else:
             self._rebuild(spec, k, kvl)
             self.rebuilds += 1
-        return self._side
+        assert self._side is not None
+        return self._side[:, :, : spec.units(k.shape[2])]
 
     # internals ---------------------------------------------------------------------------------------
     def _sig(self, k: torch.Tensor) -> tuple[object, ...]:
@@ -163,17 +165,23 @@ class ContiguousSideStore:
         stop = k.shape[2]
         fresh = _side_for(self.method, spec, k, kvl.to(k.device), start, stop)
         units = spec.units(stop)
-        side = self._side
-        if side.shape[2] < units:
-            grow = side.new_zeros(*side.shape[:2], units - side.shape[2], *side.shape[3:])
-            side = torch.cat((side, grow), dim=2)
         first = start // bs
-        side[:, :, first:units] = fresh
-        self._side = side
-        fp = self._fingerprints
-        if fp.shape[1] < stop:
-            fp = torch.cat((fp, fp.new_zeros(fp.shape[0], stop - fp.shape[1])), dim=1)
+        self._side = _with_capacity(self._side, 2, units)
+        self._side[:, :, first:units] = fresh
         old = int(self._lens.min())
-        fp[:, old:stop] = self._fingerprint(k[:, :, old:stop])
-        self._fingerprints = fp
+        self._fingerprints = _with_capacity(self._fingerprints, 1, stop)
+        self._fingerprints[:, old:stop] = self._fingerprint(k[:, :, old:stop])
         self._lens = kvl.clone()
+
+
+def _with_capacity(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` with at least ``size`` entries along ``dim``; grown by doubling, so a step's append
+    copies the stored data only O(log N) times over a generation."""
+    have = t.shape[dim]
+    if have >= size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = max(size, 2 * have)
+    grown = t.new_zeros(shape)
+    grown.narrow(dim, 0, have).copy_(t)
+    return grown
