@@ -12,8 +12,9 @@ step's new tokens. Beyond that it checks the keys themselves, cheaply: every sto
 fingerprint per covered key (a fixed random projection over heads and channels) and, before reusing
 data, recomputes it for every key written by earlier decode steps (where beam search reorders rows
 and generations diverge) and for ``PROBES`` random keys of the rest (a new prompt or a reordered batch
-differs almost everywhere). A mismatch, or any other doubt, rebuilds the layer's side data from K
-(counted in ``rebuilds``). A new prefill call always rebuilds.
+differs almost everywhere). When rows that cover the same positions only traded places (beam
+search's reorder), the stored rows follow them (``reorders``); any other mismatch, or any other doubt,
+rebuilds the layer's side data from K (``rebuilds``). A new prefill call always rebuilds.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class ContiguousSideStore:
         self.seed = seed
         self.rebuilds = 0
         self.updates = 0
+        self.reorders = 0
         self._side: torch.Tensor | None = None
         self._lens: torch.Tensor | None = None  # [B] host: keys covered per row
         self._fingerprints: torch.Tensor | None = None  # [B, capacity] float32
@@ -120,7 +122,12 @@ class ContiguousSideStore:
         assert self._lens is not None and self._fingerprints is not None and self._since is not None
         if not torch.equal(kvl - new_tokens, self._lens):
             return False
-        return self._keys_unchanged(k)
+        sources = self._row_sources(k)
+        if sources is None:
+            return False
+        if not torch.equal(sources, torch.arange(len(sources))):
+            self._take_rows(sources)
+        return True
 
     def _fingerprint(self, keys: torch.Tensor) -> torch.Tensor:
         """One float32 per key: keys [B, Hkv, n, D] -> [B, n]."""
@@ -130,26 +137,43 @@ class ContiguousSideStore:
         proj = self._projection.to(keys.device)
         return torch.einsum("bhnd,hd->bn", keys.to(torch.float32), proj)
 
-    def _keys_unchanged(self, k: torch.Tensor) -> bool:
+    def _row_sources(self, k: torch.Tensor) -> torch.Tensor | None:
+        """For every row of k, the stored row whose covered keys it still holds (itself when nothing
+        moved; another row after a beam-search reorder), or None when some row matches none.
+
+        Rows may trade places only with rows that cover the same positions (the beams of one prompt);
+        each such group is checked on shared probe positions: every key written since the group's
+        last rebuild and ``PROBES`` random older ones."""
         assert self._lens is not None and self._fingerprints is not None and self._since is not None
-        b = k.shape[0]
-        cols = []
-        for row in range(b):
-            n, since = int(self._lens[row]), int(self._since[row])
+        fps = self._fingerprints
+        sources = torch.arange(k.shape[0])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, key in enumerate(zip(self._lens.tolist(), self._since.tolist())):
+            groups.setdefault(key, []).append(row)
+        for (n, since), members in groups.items():
             recent = torch.arange(since, n)
-            probes = torch.randint(0, max(since, 1), (PROBES,), generator=self._rng) if since else recent[:0]
-            cols.append(torch.cat((recent, probes)))
-        width = max((len(c) for c in cols), default=0)
-        if width == 0:
-            return True
-        pos = torch.stack([torch.cat((c, c.new_zeros(width - len(c)))) for c in cols])  # [B, W]
-        used = torch.stack([torch.arange(width) < len(c) for c in cols])
-        dev_pos = pos.to(k.device)
-        keys = k.gather(2, dev_pos[:, None, :, None].expand(b, k.shape[1], width, k.shape[3]))
-        now = self._fingerprint(keys)
-        before = self._fingerprints.gather(1, pos.to(self._fingerprints.device))
-        close = (now - before).abs() <= FINGERPRINT_RTOL * (before.abs() + now.abs() + 1.0)
-        return bool((close | ~used.to(close.device)).all())
+            probes = torch.randint(0, since, (PROBES,), generator=self._rng) if since else recent[:0]
+            cols = torch.cat((recent, probes))
+            if cols.numel() == 0:
+                continue
+            rows = torch.tensor(members)
+            keys = k[rows.to(k.device)[:, None], :, cols.to(k.device)[None, :]]  # [g, W, Hkv, D]
+            now = self._fingerprint(keys.transpose(1, 2)).to(fps.device)  # [g, W]
+            before = fps[rows.to(fps.device)[:, None], cols.to(fps.device)[None, :]]  # [g, W]
+            match = _close(now[:, None], before[None]).all(-1)  # [new row, stored row] of the group
+            if bool(match.diagonal().all()):
+                continue
+            if not bool(match.any(-1).all()):
+                return None
+            sources[rows] = rows[match.to(torch.int8).argmax(-1).cpu()]  # first matching stored row
+        return sources
+
+    def _take_rows(self, sources: torch.Tensor) -> None:
+        """Reorder the stored rows (beam search moved the cache's rows)."""
+        assert self._side is not None and self._fingerprints is not None
+        self._side = self._side.index_select(0, sources.to(self._side.device))
+        self._fingerprints = self._fingerprints.index_select(0, sources.to(self._fingerprints.device))
+        self.reorders += 1
 
     def _rebuild(self, spec: SideSpec, k: torch.Tensor, kvl: torch.Tensor) -> None:
         self._side = _side_for(self.method, spec, k, kvl.to(k.device), 0, k.shape[2])
@@ -172,6 +196,10 @@ class ContiguousSideStore:
         self._fingerprints = _with_capacity(self._fingerprints, 1, stop)
         self._fingerprints[:, old:stop] = self._fingerprint(k[:, :, old:stop])
         self._lens = kvl.clone()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs() <= FINGERPRINT_RTOL * (a.abs() + b.abs() + 1.0)
 
 
 def _with_capacity(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -111,8 +111,8 @@ def test_beam_search_equals_a_store_that_always_rebuilds(name, monkeypatch) -> N
         with torch.no_grad(), sparse_attn.patch(model, SPARSE[name]):
             expected = model.generate(ids, attention_mask=mask, **kw)
     assert torch.equal(got, expected)
-    if name == "quest":  # the reorders were seen: the stores rebuilt after the prefill's first build
-        assert all(s is not None and s.rebuilds > 1 for s in stores)
+    if name == "quest":  # the stores followed the beams' reorders instead of rebuilding every step
+        assert all(s is not None and s.reorders > 0 and s.updates > 0 for s in stores)
 
 
 @pytest.mark.parametrize("name", sorted(SPARSE))

@@ -39,7 +39,7 @@ def test_incremental_updates_equal_a_rebuild(block) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    ["new_prompt_same_length", "reordered_rows", "beam_divergence", "shorter_cache", "batch_change", "gap"],
+    ["new_prompt_same_length", "beam_divergence", "shorter_cache", "batch_change", "gap", "rows_of_other_lengths"],
 )
 def test_changed_keys_are_never_reused(change) -> None:
     method = sa.Quest(block_size=8)
@@ -60,8 +60,8 @@ def test_changed_keys_are_never_reused(change) -> None:
     nlens = lens + 1
     if change == "new_prompt_same_length":
         nxt = torch.randn_like(nxt)
-    elif change == "reordered_rows":
-        nxt = nxt[torch.tensor([2, 0, 1])]
+    elif change == "rows_of_other_lengths":
+        nlens = torch.tensor([51, 55, 55])  # the same tensor, but rows now claim other lengths
     elif change == "beam_divergence":
         # row 0 continues row 1's generation: same prompt, different generated keys
         nxt[0, :, 50:] = nxt[1, :, 50:]
@@ -76,6 +76,32 @@ def test_changed_keys_are_never_reused(change) -> None:
     assert store.rebuilds == 2
     assert side is not None and bool(torch.isfinite(side).all())
     assert torch.equal(side, compute_side_data(method, nxt, nlens))
+
+
+def test_beam_reorders_move_the_stored_rows() -> None:
+    """Beams share a prompt and diverge in generated keys; a reorder (with duplicates) moves the
+    stored rows along, and data of rows that no stored row matches is never reused."""
+    method = sa.Quest(block_size=8)
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randn(1, 2, 30, 16, generator=gen).expand(3, 2, 30, 16)
+    k = _grow(prompt.clone(), 3, gen)
+    lens = torch.tensor([33, 33, 33])
+    store = ContiguousSideStore(method)
+    store.update(k, lens, new_tokens=33)
+    for _ in range(3):
+        k = _grow(k, 1, gen)
+        lens = lens + 1
+        store.update(k, lens, new_tokens=1)
+    k = _grow(k[torch.tensor([2, 2, 0])], 1, gen)
+    side = store.update(k, lens + 1, new_tokens=1)
+    assert (store.rebuilds, store.reorders) == (1, 1)
+    assert torch.equal(side, compute_side_data(method, k, lens + 1))
+    # a row whose generated keys match no stored row: rebuilt, never patched together
+    k = _grow(k, 1, gen)
+    k[1, :, 31] = torch.randn(2, 16, generator=gen)
+    side = store.update(k, lens + 2, new_tokens=1)
+    assert store.rebuilds == 2
+    assert torch.equal(side, compute_side_data(method, k, lens + 2))
 
 
 def test_unchanged_continuation_reuses_the_data() -> None:
