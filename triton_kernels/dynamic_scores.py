@@ -42,12 +42,12 @@ used from one process.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from .sparse_decode import IntsLike, _capturing, _interpreting, _lengths, _next_pow2
 
 __all__ = ["MAX_HEAD_DIM", "quest_bounds", "quest_bounds_fwd_kernel", "topk_scores", "topk_scores_fwd_kernel"]
 
@@ -57,7 +57,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # launch overrides for tuning experiments (None: the built-in choice)
 TUNING: dict[str, int | None] = {"block_n": None, "num_warps": None}
 
-IntsLike = torch.Tensor | Sequence[int] | int | None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,10 +229,6 @@ def quest_bounds_fwd_kernel(
 _JIT_CACHE: dict[bool, tuple] = {}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _kernels() -> tuple:
     """(TopK scores kernel, Quest bounds kernel), jitted for the current mode (GPU or interpreter)."""
     mode = _interpreting()
@@ -269,14 +264,6 @@ def _kernels() -> tuple:
     return kernels
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _check_tensor(name: str, t: object, dims: int, what: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dim() != dims:
         raise ValueError(f"{name} must be a {dims}-D tensor {what}, got {getattr(t, 'shape', type(t))}")
@@ -303,24 +290,6 @@ def _check_dtype(q: torch.Tensor, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     if t.dtype != q.dtype:
         raise ValueError(f"{name} has dtype {t.dtype}, q has {q.dtype}")
-
-
-def _lengths(name: str, x: IntsLike, batch: int, default: int, device: torch.device) -> torch.Tensor:
-    """int32 [B] on ``device`` from None (all ``default``), an int, a sequence or a tensor."""
-    if x is None:
-        return torch.full((batch,), default, dtype=torch.int32, device=device)
-    if isinstance(x, torch.Tensor):
-        if x.dim() > 1 or (x.dim() == 1 and x.numel() not in (1, batch)):
-            raise ValueError(f"{name} must have shape [B={batch}], got {tuple(x.shape)}")
-        if x.dtype.is_floating_point or x.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
-        return x.reshape(-1).expand(batch).to(device=device, dtype=torch.int32).contiguous()
-    if isinstance(x, int):
-        return torch.full((batch,), x, dtype=torch.int32, device=device)
-    vals = list(x)
-    if len(vals) != batch:
-        raise ValueError(f"{name} must have {batch} entries, got {len(vals)}")
-    return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
 def _validate(
