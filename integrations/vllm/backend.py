@@ -4,6 +4,11 @@ vLLM imports this module (through the path ``register()`` gave it), never the pa
 The builder turns vLLM's per-step batch into a ``PagedStep`` (host lengths, block table) once per
 step; every layer's ``forward`` then plans through it (plans are shared by layers with the same
 methods) and runs the sparse kernels on the paged cache: Triton on GPU, torch on CPU.
+
+A layer with a dynamic method (TopK, Quest) also keeps its side data in a ``PagedSideStore``
+indexed like its KV cache. vLLM has no hook that binds a cache to an impl, so the store is
+allocated when ``do_kv_cache_update`` first sees the layer's cache tensor (and again if vLLM ever
+hands it another one); its size is logged once per process and counted in ``stats()``.
 """
 
 from __future__ import annotations
@@ -28,8 +33,13 @@ from vllm.v1.attention.backend import (
 
 from ...config import SparseAttentionConfig
 from ...fallback import FallbackCounter
+from ...methods import DynamicMethod
+from ...paged_side import PagedSideStore
+from ...planning import dynamic_of
 from .cache import cache_views, write_kv
+from .dynamic_step import DynamicStats, check_shard
 from .settings import sparse_config
+from .side_memory import allocate_side_store
 from .step import HeadMethods, HeadShard, PagedStep, attend
 
 logger = logging.getLogger("sparse_attn.vllm")
@@ -38,6 +48,7 @@ logger = logging.getLogger("sparse_attn.vllm")
 MAX_HEAD_DIM = 256
 
 FALLBACKS = FallbackCounter()
+DYNAMIC = DynamicStats()
 _calls: Counter[str] = Counter()
 _calls_lock = threading.Lock()
 _logged: set[str] = set()
@@ -49,10 +60,11 @@ _batches: Counter[str] = Counter()
 def stats() -> dict[str, Any]:
     """This process's layer calls (sparse / dense layers), the kinds of batches its steps held
     (``mixed``: decodes and prefills together; ``chunked_prefill``: a prefill chunk after cached
-    context) and dense-fallback counts per reason."""
+    context; ``prompt_tokens``: prompt tokens computed, prefix-cache hits excluded), dense-fallback counts per reason and what dynamic layers did (``dynamic``: decode
+    selections, their measured density, prefill rows by how they ran, side-data bytes)."""
     with _calls_lock:
         calls, batches = dict(_calls), dict(_batches)
-    return {"calls": calls, "batches": batches, "fallbacks": FALLBACKS.counts()}
+    return {"calls": calls, "batches": batches, "fallbacks": FALLBACKS.counts(), "dynamic": DYNAMIC.as_dict()}
 
 
 def reset_stats() -> None:
@@ -60,6 +72,7 @@ def reset_stats() -> None:
         _calls.clear()
         _batches.clear()
     FALLBACKS.reset()
+    DYNAMIC.reset()
 
 
 def _count_batch(step: PagedStep) -> None:
@@ -70,8 +83,11 @@ def _count_batch(step: PagedStep) -> None:
         "mixed": bool(prefill.any()) and bool((q_lens == 1).any()),
         "chunked_prefill": bool((prefill & (q_lens < kv_lens)).any()),
     }
+    # prompt tokens computed (prefix-cache hits are not): how much prefix caching saved
+    prompt_tokens = sum(int(g.q_lens.sum()) for g in step.groups() if not g.decode)
     with _calls_lock:
         _batches.update(k for k, hit in kinds.items() if hit)
+        _batches["prompt_tokens"] += prompt_tokens
 
 
 class SparseAttentionBackend(AttentionBackend):
@@ -136,11 +152,13 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         m = common_attn_metadata
         n = m.num_reqs
         # Plans are made on the host: one device-to-host copy of the lengths per step, for all layers.
+        prefilling = getattr(m, "is_prefilling", None)
         step = PagedStep(
             query_start=m.query_start_loc_cpu[: n + 1].to(torch.int64),
             seq_lens=m.seq_lens[:n].to("cpu", torch.int64),
             block_table=m.block_table_tensor[:n],
             min_seq_len=self.min_seq_len,
+            prefilling=None if prefilling is None else prefilling[:n].to("cpu", torch.bool),
         )
         _count_batch(step)
         return SparseAttentionMetadata(num_actual_tokens=m.num_actual_tokens, step=step)
@@ -207,12 +225,36 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         total_kv = vllm_config.model_config.get_total_num_kv_heads()
         self.shard = HeadShard(num_heads * world, total_kv, rank, world)
         self._methods: HeadMethods | None = None
+        self._side: PagedSideStore | None = None
+        self._side_key: tuple[Any, ...] | None = None
 
     def _layer_methods(self, layer: Any) -> HeadMethods:
         if self._methods is None:
             layer_idx = extract_layer_index(layer.layer_name)
-            self._methods = tuple(self.config.methods_for_layer(layer_idx, self.shard.num_heads))
+            methods = tuple(self.config.methods_for_layer(layer_idx, self.shard.num_heads))
+            dynamic = dynamic_of(methods)
+            if dynamic is not None:
+                check_shard(dynamic, self.shard)
+                dynamic.check_fits(self.num_heads, self.num_kv_heads)
+                if self.kv_sharing_target_layer_name is not None:
+                    raise NotImplementedError(
+                        f"the sparse_attn backend does not support {dynamic.name} on a layer that shares "
+                        f"another layer's KV cache ({self.kv_sharing_target_layer_name}): it writes no side data"
+                    )
+            self._methods = methods
         return self._methods
+
+    def _side_store(
+        self, method: DynamicMethod, kv_cache: torch.Tensor, key_cache: torch.Tensor
+    ) -> PagedSideStore | None:
+        """The layer's side store for this cache tensor, allocated on first sight of it."""
+        key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.device)
+        if self._side_key != key:
+            old = 0 if self._side is None else self._side.nbytes
+            self._side = allocate_side_store(method, key_cache, kv_cache)
+            self._side_key = key
+            DYNAMIC.add_side_bytes((0 if self._side is None else self._side.nbytes) - old)
+        return self._side
 
     def forward(
         self,
@@ -254,6 +296,8 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             self.shard,
             self.scale,
             output[:n].view(n, self.num_heads, -1),
+            side=self._side,
+            observe=DYNAMIC.observe,
         )
         return output
 
@@ -267,3 +311,9 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
     ) -> None:
         key_cache, value_cache = cache_views(kv_cache, self.head_size)
         write_kv(key, value, key_cache, value_cache, slot_mapping)
+        dynamic = dynamic_of(self._layer_methods(layer))
+        if dynamic is not None:
+            store = self._side_store(dynamic, kv_cache, key_cache)
+            if store is not None:
+                # side data of the keys just stored (slots past the step's tokens are padding)
+                store.write(key_cache, slot_mapping[: key.shape[0]])

@@ -147,6 +147,10 @@ class DynamicStats:
             else:
                 self.prefill_rows[label] = self.prefill_rows.get(label, 0) + rows
 
+    def add_side_bytes(self, nbytes: int) -> None:
+        with self._lock:
+            self.side_bytes += nbytes
+
     def as_dict(self) -> dict[str, object]:
         with self._lock:
             density = self.selected_keys / self.candidate_keys if self.candidate_keys else None

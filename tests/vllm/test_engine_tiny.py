@@ -38,7 +38,10 @@ def _hf_tokens(model_dir, prompts, spec) -> list[list[int]]:
     with sparse_attn.patch(model.eval(), spec), torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
-            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            # an explicit mask: generate would otherwise take token 0 in a prompt for padding
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+            )
             out.append(gen[0, len(p) :].tolist())
     return out
 
