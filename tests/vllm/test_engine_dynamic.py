@@ -70,7 +70,11 @@ def hf(tiny_llama, prompts) -> dict[str, list[list[int]]]:
             ids = torch.tensor([p])
             # an explicit mask: generate would otherwise take token 0 in a prompt for padding
             gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
             )
             out.append(gen[0, len(p) :].tolist())
         return out
