@@ -83,7 +83,9 @@ class PagedKeys:
 
     def contiguous(self, method, rows=None) -> list[torch.Tensor]:
         rows = range(len(self.kv_lens)) if rows is None else rows
-        return [compute_side_data(method, self.keys[r][None], torch.tensor([self.kv_lens[r]]))[0] for r in rows]
+        return [
+            compute_side_data(method, self.keys[r][None], torch.tensor([self.kv_lens[r]]))[0] for r in rows
+        ]
 
 
 def assert_side_equal(store: PagedSideStore, paged: PagedKeys, method) -> None:
@@ -189,7 +191,9 @@ def test_bytes_next_to_the_kv_cache() -> None:
     assert side_bytes_per_page(Sketch(), 16, 2, 64, torch.float16) == 16 * 2 * 3 * 4  # its own float32
 
 
-@pytest.mark.parametrize(("util", "total_gib", "other_gib", "ratio"), [(0.9, 141, 20, 1 / 16), (0.5, 80, 30, 0.2)])
+@pytest.mark.parametrize(
+    ("util", "total_gib", "other_gib", "ratio"), [(0.9, 141, 20, 1 / 16), (0.5, 80, 30, 0.2)]
+)
 def test_utilization_with_side_fits_kv_and_side_in_the_old_budget(util, total_gib, other_gib, ratio) -> None:
     """vLLM gives the KV cache ``util * total - other`` bytes; with the lowered utilization the
     cache shrinks so that it and its side data fill exactly that budget."""
@@ -205,3 +209,18 @@ def test_utilization_with_side_fits_kv_and_side_in_the_old_budget(util, total_gi
     assert utilization_with_side(util, int(kv), total, 0.0) == util
     with pytest.raises(ConfigError, match="gpu_memory_utilization"):
         utilization_with_side(1.5, 1, 1, 0.1)
+
+
+def test_the_plugin_reports_side_bytes_and_the_utilization_to_use() -> None:
+    from sparse_attn.integrations.vllm.side_memory import MemoryBudget, allocate_side_store, side_report
+
+    kv_cache = torch.zeros(8, 2, 16, 2 * 64)  # vLLM's [num_pages, Hkv, page_size, 2 * D] view
+    key_cache = kv_cache.transpose(1, 2)[..., :64]
+    budget = MemoryBudget(gpu_memory_utilization=0.9, num_layers=30)
+    assert allocate_side_store(TopK(), key_cache, kv_cache, budget) is None
+    store = allocate_side_store(Quest(block_size=16), key_cache, kv_cache, budget)
+    assert store.nbytes * 16 == kv_cache.numel() * 4
+    assert "6.25% of the layer's KV cache" in side_report(store, kv_cache, budget, None)
+    total = 2**30
+    want = utilization_with_side(0.9, kv_cache.numel() * 4 * 30, total, 1 / 16)
+    assert f"pass gpu_memory_utilization={want:.3f}" in side_report(store, kv_cache, budget, total)

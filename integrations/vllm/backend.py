@@ -39,7 +39,7 @@ from ...planning import dynamic_of
 from .cache import cache_views, write_kv
 from .dynamic_step import DynamicStats, check_shard
 from .settings import sparse_config
-from .side_memory import allocate_side_store
+from .side_memory import MemoryBudget, allocate_side_store
 from .step import HeadMethods, HeadShard, PagedStep, attend
 
 logger = logging.getLogger("sparse_attn.vllm")
@@ -227,6 +227,10 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self._methods: HeadMethods | None = None
         self._side: PagedSideStore | None = None
         self._side_key: tuple[Any, ...] | None = None
+        self._budget = MemoryBudget(
+            vllm_config.cache_config.gpu_memory_utilization,
+            vllm_config.model_config.get_num_layers(vllm_config.parallel_config),
+        )
 
     def _layer_methods(self, layer: Any) -> HeadMethods:
         if self._methods is None:
@@ -251,7 +255,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         key = (kv_cache.data_ptr(), tuple(kv_cache.shape), kv_cache.device)
         if self._side_key != key:
             old = 0 if self._side is None else self._side.nbytes
-            self._side = allocate_side_store(method, key_cache, kv_cache)
+            self._side = allocate_side_store(method, key_cache, kv_cache, self._budget)
             self._side_key = key
             DYNAMIC.add_side_bytes((0 if self._side is None else self._side.nbytes) - old)
         return self._side
