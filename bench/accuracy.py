@@ -16,6 +16,8 @@ the fraction of the prompts dense got right that the method also got right.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
 import sys
 import time
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import harness
+from . import generation, harness
 from .accuracy_report import (
     format_table,
     mean_or_none,
@@ -37,9 +39,10 @@ from .accuracy_report import (
     retained,
     task_summary,
 )
-from .generation import eos_token_ids, forward_density, greedy_generate, layer_calls
+from .generation import eos_token_ids, forward_density, layer_calls
+from .passkey import QUESTION
 from .perplexity import load_text, perplexity_by_position, text_token_ids
-from .prompts import Prompt, multikey_prompt_tokens, passkey_prompt_tokens, random_key
+from .prompts import Prompt, multikey_prompt_tokens, multikey_question, passkey_prompt_tokens, random_key
 from .scoring import exact_match, extract_integer, number_tokenization
 
 SCHEMA_VERSION = 1
@@ -49,10 +52,13 @@ DEFAULT_PPL_BUCKETS = 8
 DEFAULT_PPL_WINDOWS = 4  # one window mixes position with content; several average the content out
 DEFAULT_MULTIKEY_KEYS = 4
 REFERENCE = "dense"
+DEFAULT_DECODE_TAIL = 64  # the CLI's default: at least the question goes through decode
+HEAD_PREFILL = ("method", "dense")
 
 __all__ = [
     "Case",
     "build_cases",
+    "expand_densities",
     "format_table",
     "load_model",
     "relative_accuracy",
@@ -176,75 +182,235 @@ def _progress(progress: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=True, dynamic_ncols=True)
 
 
-def _run_method(
-    model: Any,
-    tokenizer: Any,
-    name: str,
-    method: object,
-    cases: list[Case],
-    ppl_ids: torch.Tensor | None,
-    ppl_window: int,
-    ppl_buckets: int,
-    max_new_tokens: int,
-    progress: bool,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+# --- how a prompt is split between prefill and decode ------------------------------------------------
+
+
+def question_text(case: Case) -> str:
+    """The question that ends a case's prompt."""
+    return QUESTION if case.task == "passkey" else multikey_question(str(case.prompt.query))
+
+
+def question_tokens(tokenizer: Any, case: Case) -> int:
+    """Tokens of the prompt that belong to its closing question (counted on the final text)."""
+    text, question = case.prompt.text, question_text(case)
+    if not text.endswith(question):
+        raise ValueError(f"the {case.task} prompt does not end with its question {question!r}")
+    before = len(tokenizer(text[: len(text) - len(question)])["input_ids"])
+    return case.prompt.num_tokens - before
+
+
+def tail_length(num_tokens: int, question: int, decode_tail: int) -> int:
+    """Prompt tokens fed through the decode path: 0 when ``decode_tail`` is 0 (one prefill of the whole
+    prompt), else ``decode_tail`` but at least the question, and never the whole prompt (the head
+    keeps one token)."""
+    if decode_tail == 0:
+        return 0
+    return max(0, min(max(decode_tail, question), num_tokens - 1))
+
+
+def _dynamic_of(method: object) -> Any:
+    """The dynamic method of ``method`` (itself, or a config's default), or None."""
+    from sparse_attn.methods.dynamic import DynamicMethod
+
+    if isinstance(method, DynamicMethod):
+        return method
+    default = getattr(method, "default", None)  # a SparseAttentionConfig with a dynamic default
+    return default if isinstance(default, DynamicMethod) else None
+
+
+def head_prefill_label(method: object, head_prefill: str) -> str:
+    """How a method's prompt head is prefilled: the shared dense prefill, or its own prefill path."""
+    if head_prefill == "dense":
+        return "dense (shared: the unpatched model, once per prompt)"
+    if method is None:
+        return "dense (unpatched)"
+    dyn = _dynamic_of(method)
+    if dyn is not None:
+        label = dyn.prefill_label()
+        return f"{label} (the method's own prefill{', by design' if label != dyn.name else ''})"
+    return "the method's prefill layout"
+
+
+def expand_densities(
+    methods: dict[str, object | None], densities: Sequence[float]
+) -> dict[str, object | None]:
+    """Each dynamic method of ``methods`` once per density (``name@0.05``, budget by density); dense
+    and static methods once, unchanged. The order: as given, densities ascending within a method."""
+    if not densities:
+        return dict(methods)
+    ds = sorted({float(d) for d in densities})
+    if not all(0.0 < d <= 1.0 for d in ds):
+        raise ValueError(f"densities must lie in (0, 1], got {list(densities)!r}")
+    out: dict[str, object | None] = {}
+    for name, method in methods.items():
+        dyn = _dynamic_of(method)
+        if dyn is None:
+            out[name] = method
+            continue
+        for d in ds:
+            out[f"{name}@{d:g}"] = dataclasses.replace(dyn, density=d, tokens=None)  # type: ignore[type-var]
+    return out
+
+
+def _sweep_record(methods: dict[str, object | None]) -> dict[str, Any] | None:
+    """{family: [{"name", "density"}]} for the ``name@density`` entries (None when there are none)."""
+    fam: dict[str, list[dict[str, Any]]] = {}
+    for name, method in methods.items():
+        dyn = _dynamic_of(method)
+        if dyn is None or "@" not in name:
+            continue
+        family = name.rsplit("@", 1)[0]
+        fam.setdefault(family, []).append({"name": name, "method": dyn.name, "density": dyn.density})
+    return fam or None
+
+
+# --- running the cases --------------------------------------------------------------------------------
+
+
+@dataclass
+class _MethodRun:
+    """One method's results, accumulated case by case (every method answers each case in turn)."""
+
+    name: str
+    method: object
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    status: str = "ok"
+    fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
+    sparse_calls: int = 0
+    dense_calls: int = 0
+    seconds: float = 0.0
+    perplexity: dict[str, Any] | None = None
+
+    @property
+    def patched(self) -> bool:
+        return self.method is not None
+
+    def add_stats(self, before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
+        if before is None or after is None:
+            return
+        for reason, n in after["fallbacks"].items():
+            self.fallbacks[reason] = (
+                self.fallbacks.get(reason, 0) + int(n) - int(before["fallbacks"].get(reason, 0))
+            )
+        self.sparse_calls += int(after["sparse_calls"]) - int(before["sparse_calls"])
+        self.dense_calls += int(after["dense_calls"]) - int(before["dense_calls"])
+
+    def fail(self, exc: BaseException) -> None:
+        self.status = "error: " + harness.short_error(exc)
+
+
+def _stats(model: Any, patched: bool) -> dict[str, Any] | None:
     import sparse_attn
 
-    patched = method is not None
+    return copy.deepcopy(sparse_attn.stats(model)) if patched else None
+
+
+def _answer_case(
+    model: Any,
+    tokenizer: Any,
+    run: _MethodRun,
+    case: Case,
+    ids: torch.Tensor,
+    tail: int,
+    shared: tuple[Any, torch.Tensor] | None,
+    max_new_tokens: int,
+    eos: set[int],
+) -> None:
+    """One method answers one case: its head prefill (or a copy of the shared one), the tail through
+    decode, then greedy generation; the row goes to ``run.rows``."""
+    import sparse_attn
+
+    ctx: AbstractContextManager[Any] = sparse_attn.patch(model, run.method) if run.patched else nullcontext()
+    with ctx:
+        before = _stats(model, run.patched)
+        density: list[float | None] = [1.0]
+        calls = layer_calls(before) if before is not None else {}
+
+        def read_density() -> None:
+            if run.patched:
+                density[0] = forward_density(calls, sparse_attn.stats(model))
+
+        n = ids.numel()
+        if shared is not None:
+            cache, logits = generation.copy_cache(shared[0]), shared[1]
+        else:
+            cache, logits = generation.prefill_head(model, ids[: n - tail])
+        new, cut = generation.continue_greedy(
+            model, cache, logits, ids[n - tail :], max_new_tokens, eos, read_density
+        )
+        del cache
+        run.add_stats(before, _stats(model, run.patched))
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    run.rows.append({
+        "task": case.task, "method": run.name, "length": case.length, "depth": case.depth,
+        "measured_depth": round(case.prompt.depth, 4), "seed": case.seed,
+        "prompt_tokens": case.prompt.num_tokens, "prefill_tokens": n - tail, "decode_tokens": tail,
+        "key": case.prompt.answer, "query": case.prompt.query,
+        "output": text, "answer": extract_integer(text), "truncated": cut,
+        "correct": exact_match(text, case.prompt.answer, truncated=cut), "density": density[0],
+    })  # fmt: skip
+
+
+def _run_cases(
+    model: Any,
+    tokenizer: Any,
+    runs: list[_MethodRun],
+    cases: list[Case],
+    max_new_tokens: int,
+    decode_tail: int,
+    head_prefill: str,
+    bar: Any,
+) -> float:
+    """Every method answers every case, case by case (so one dense head prefill can serve them all);
+    a method that raises is marked and skipped from then on. Returns the seconds of shared prefills."""
     eos = eos_token_ids(model, tokenizer)
-    bar = _progress(progress, len(cases) + (ppl_ids is not None), name)
-    rows: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"status": "ok"}
+    shared_s = 0.0
+    for case in cases:
+        ids = torch.tensor(tokenizer(case.prompt.text)["input_ids"], dtype=torch.long)
+        tail = tail_length(ids.numel(), question_tokens(tokenizer, case), decode_tail)
+        shared = None
+        if head_prefill == "dense" and any(r.status == "ok" for r in runs):
+            t0 = time.perf_counter()
+            shared = generation.prefill_head(model, ids[: ids.numel() - tail])
+            shared_s += time.perf_counter() - t0
+        for run in runs:
+            if bar is not None:
+                bar.set_description(run.name)
+            if run.status == "ok":
+                t0 = time.perf_counter()
+                try:
+                    _answer_case(model, tokenizer, run, case, ids, tail, shared, max_new_tokens, eos)
+                except Exception as exc:  # one failing method must not cost the others' results
+                    run.fail(exc)
+                run.seconds += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+        del shared
+    return shared_s
+
+
+def _run_perplexity(
+    model: Any, run: _MethodRun, ppl_ids: torch.Tensor, ppl_window: int, ppl_buckets: int
+) -> None:
+    import sparse_attn
+
+    if run.status != "ok":
+        return
     t0 = time.perf_counter()
     try:
-        # inside the try: a method that does not fit the model (ConfigError) is that method's error
-        ctx: AbstractContextManager[Any] = sparse_attn.patch(model, method) if patched else nullcontext()
+        ctx: AbstractContextManager[Any] = (
+            sparse_attn.patch(model, run.method) if run.patched else nullcontext()
+        )
         with ctx:
-            for case in cases:
-                density: list[float | None] = [1.0]
-                before = layer_calls(sparse_attn.stats(model)) if patched else {}
-
-                def read_density(before: dict[int, tuple[int, int]] = before, out: list = density) -> None:
-                    if patched:
-                        out[0] = forward_density(before, sparse_attn.stats(model))
-
-                ids = torch.tensor(tokenizer(case.prompt.text)["input_ids"], dtype=torch.long)
-                new, cut = greedy_generate(model, ids, max_new_tokens, eos, read_density)
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                rows.append({
-                    "task": case.task, "method": name, "length": case.length, "depth": case.depth,
-                    "measured_depth": round(case.prompt.depth, 4), "seed": case.seed,
-                    "prompt_tokens": case.prompt.num_tokens, "key": case.prompt.answer, "query": case.prompt.query,
-                    "output": text, "answer": extract_integer(text), "truncated": cut,
-                    "correct": exact_match(text, case.prompt.answer, truncated=cut), "density": density[0],
-                })  # fmt: skip
-                if bar is not None:
-                    bar.update(1)
-            if ppl_ids is not None:
-                before = layer_calls(sparse_attn.stats(model)) if patched else {}
-                summary["perplexity"] = perplexity_by_position(model, ppl_ids, ppl_window, ppl_buckets)
-                summary["perplexity"]["density"] = (
-                    forward_density(before, sparse_attn.stats(model)) if patched else 1.0
-                )
-                if bar is not None:
-                    bar.update(1)
-            st = (
-                sparse_attn.stats(model)
-                if patched
-                else {"fallbacks": {}, "sparse_calls": 0, "dense_calls": 0}
-            )
+            before = _stats(model, run.patched)
+            calls = layer_calls(before) if before is not None else {}
+            ppl = perplexity_by_position(model, ppl_ids, ppl_window, ppl_buckets)
+            ppl["density"] = forward_density(calls, sparse_attn.stats(model)) if run.patched else 1.0
+            run.add_stats(before, _stats(model, run.patched))
+        run.perplexity = ppl
     except Exception as exc:  # one failing method must not cost the others' results
-        summary["status"] = "error: " + harness.short_error(exc)
-        st = {"fallbacks": {}, "sparse_calls": None, "dense_calls": None}
-    finally:
-        if bar is not None:
-            bar.close()
-    summary.update(
-        fallbacks=sum(st["fallbacks"].values()), fallbacks_by_reason=st["fallbacks"],
-        sparse_calls=st["sparse_calls"], dense_calls=st["dense_calls"],
-        seconds=round(time.perf_counter() - t0, 2),
-    )  # fmt: skip
-    return summary, rows
+        run.fail(exc)
+    run.seconds += time.perf_counter() - t0
 
 
 def run_accuracy(
@@ -264,6 +430,8 @@ def run_accuracy(
     ppl_windows: int = DEFAULT_PPL_WINDOWS,
     ppl_buckets: int = DEFAULT_PPL_BUCKETS,
     multikey_keys: int = DEFAULT_MULTIKEY_KEYS,
+    decode_tail: int = 0,
+    head_prefill: str = "method",
 ) -> dict[str, Any]:
     """Run every method of ``methods`` ({name: method, preset, config or None}; None is the unpatched
     model, added as "dense" when absent because every ratio needs it) over the same prompts.
@@ -273,6 +441,13 @@ def run_accuracy(
     ``perplexity`` scores ``ppl_windows`` consecutive windows of ``ppl_tokens`` tokens (default: the
     longest of ``lengths``, so the windows reach as far as the prompts) of ``text_path`` (default:
     Python's standard library), averaged per position, in ``ppl_buckets`` position buckets.
+    ``decode_tail`` > 0 feeds the last ``decode_tail`` prompt tokens (at least the question) through
+    the cached decode path one token at a time, for every method alike, so a method that selects only
+    at decode decides the answer (0: the whole prompt in one prefill). ``head_prefill`` is how the rest
+    (the head) runs: "method" (each method's own prefill path) or "dense" (one unpatched prefill per
+    prompt, copied for every method: what decode-only methods run anyway, and TopK then selects only
+    at decode). Each method's split is recorded (``split`` in its summary, ``prefill_tokens`` and
+    ``decode_tokens`` per row).
     A method that raises gets ``status: "error: ..."`` and the others still run. The model must not be
     patched already. Returns the result document (``schema_version``, ``env`` first; per-method
     summaries under "methods"; one row per prompt and method under "rows").
@@ -280,6 +455,10 @@ def run_accuracy(
     import sparse_attn
 
     methods = _check_args(methods, lengths, depths, seeds, max_new_tokens)
+    if isinstance(decode_tail, bool) or not isinstance(decode_tail, int) or decode_tail < 0:
+        raise ValueError(f"decode_tail must be an int >= 0, got {decode_tail!r}")
+    if head_prefill not in HEAD_PREFILL:
+        raise ValueError(f"head_prefill must be one of {HEAD_PREFILL}, got {head_prefill!r}")
     lengths, depths, seeds = list(lengths), [float(d) for d in depths], list(seeds)
     if ppl_tokens is None:
         ppl_tokens = max(lengths)
@@ -312,14 +491,45 @@ def run_accuracy(
             "this tokenizer): answers cut by the budget score as wrong",
             stacklevel=2,
         )
+    runs = [_MethodRun(name, method) for name, method in methods.items()]
+    bar = _progress(progress, len(cases) * len(runs) + (len(runs) if ppl_ids is not None else 0), "accuracy")
+    try:
+        shared_s = _run_cases(model, tokenizer, runs, cases, max_new_tokens, decode_tail, head_prefill, bar)
+        if ppl_ids is not None:
+            for run in runs:
+                if bar is not None:
+                    bar.set_description(f"{run.name} ppl")
+                _run_perplexity(model, run, ppl_ids, ppl_tokens, ppl_buckets)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     summaries: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
-    for name, method in methods.items():
-        summary, method_rows = _run_method(
-            model, tokenizer, name, method, cases, ppl_ids, ppl_tokens, ppl_buckets, max_new_tokens, progress
-        )
-        summaries[name] = {**_method_record(method), **summary, "rows": method_rows}
-        rows.extend(method_rows)
+    for run in runs:
+        st_ok = run.status == "ok"
+        summaries[run.name] = {
+            **_method_record(run.method),
+            "status": run.status,
+            "split": {
+                "head": head_prefill_label(run.method, head_prefill),
+                "decode_tail": decode_tail,
+                "tail_tokens": sorted({r["decode_tokens"] for r in run.rows}),
+                "answer_decided_by": "decode path" if decode_tail else "prefill",
+            },
+            "fallbacks": sum(run.fallbacks.values()),
+            "fallbacks_by_reason": run.fallbacks,
+            "sparse_calls": run.sparse_calls if run.patched else 0,
+            "dense_calls": run.dense_calls if run.patched else 0,
+            "seconds": round(run.seconds, 2),
+            "rows": run.rows,
+        }
+        if run.perplexity is not None:
+            summaries[run.name]["perplexity"] = run.perplexity
+        if not st_ok:
+            summaries[run.name].update(sparse_calls=None, dense_calls=None)
+        rows.extend(run.rows)
     ref = summaries[next(iter(methods))]["rows"]
     for s in summaries.values():
         own = s.pop("rows")
@@ -360,6 +570,10 @@ def run_accuracy(
                 "buckets": ppl_buckets,
                 "text": source,
             },
+            "decode_tail": decode_tail,
+            "head_prefill": head_prefill,
+            "shared_prefill_s": round(shared_s, 2) if head_prefill == "dense" else None,
+            "sweep": _sweep_record(methods),
             "number_tokenization": tokenization.to_dict(),
             "max_new_tokens_enough": max_new_tokens >= needed,
         },

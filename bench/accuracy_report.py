@@ -93,6 +93,85 @@ def format_table(result: dict[str, Any]) -> str:
     for name, s in result["methods"].items():
         by = (s.get("passkey") or {}).get("by_length") or {}
         out.append(f"  {name}: " + "  ".join(_fmt(by.get(str(n)), ".2f") for n in lengths))
+    out += split_lines(result)
+    if result["config"].get("sweep"):
+        out += ["", sweep_table(result)]
     return "\n".join(out)
 
 
+def split_lines(result: dict[str, Any]) -> list[str]:
+    """How each method's prompts were split between prefill and decode (empty for older results)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, s in result["methods"].items():
+        sp = s.get("split")
+        if not sp:
+            continue
+        tails = sp.get("tail_tokens") or []
+        tail = (
+            "whole prompt in one prefill"
+            if not sp.get("decode_tail")
+            else f"last {'/'.join(str(t) for t in tails) or sp['decode_tail']} prompt tokens one at a time "
+            "through decode"
+        )
+        groups.setdefault((sp["head"], tail), []).append(name)
+    if not groups:
+        return []
+    out = ["", "prompt split (head prefill; tail):"]
+    for (head, tail), names in groups.items():
+        out.append(f"  {', '.join(names)}: head {head}; {tail}")
+    return out
+
+
+def sweep_points(
+    result: dict[str, Any], task: str = "passkey"
+) -> dict[str, list[tuple[float, float | None]]]:
+    """{family: [(density, accuracy)]} of a density sweep, densities ascending."""
+    sweep = result["config"].get("sweep") or {}
+    out: dict[str, list[tuple[float, float | None]]] = {}
+    for family, entries in sweep.items():
+        pts = []
+        for e in entries:
+            s = result["methods"].get(e["name"], {})
+            acc = (s.get(task) or {}).get("accuracy") if s.get("status") == "ok" else None
+            pts.append((float(e["density"]), acc))
+        out[family] = sorted(pts)
+    return out
+
+
+def sweep_table(result: dict[str, Any], markdown: bool = False) -> str:
+    """Accuracy against density per method family (passkey, multi-key when run), dense for reference;
+    each cell: accuracy (relative to dense)."""
+    sweep = result["config"].get("sweep") or {}
+    densities = sorted({float(e["density"]) for es in sweep.values() for e in es})
+    ref = result["methods"].get(result["config"].get("reference", "dense"), {})
+    tasks = [t for t in ("passkey", "multikey") if (ref.get(t) or {}).get("total")]
+    header = ["task", "method", *[f"{d:g}" for d in densities]]
+    lines = [header]
+    for task in tasks:
+        lines.append([task, "dense", *[_fmt((ref.get(task) or {}).get("accuracy"), ".3f")] * len(densities)])
+        for family, entries in sweep.items():
+            by_d = {float(e["density"]): result["methods"].get(e["name"], {}) for e in entries}
+            cells = []
+            for d in densities:
+                s = by_d.get(d)
+                t = (s or {}).get(task) or {}
+                if s is None:
+                    cells.append("")
+                elif s.get("status") != "ok":
+                    cells.append("error")
+                else:
+                    cells.append(
+                        f"{_fmt(t.get('accuracy'), '.3f')} ({_fmt(t.get('relative_to_dense'), '.2f')})"
+                    )
+            lines.append([task, family, *cells])
+    title = "accuracy by density (relative to dense in brackets)"
+    if markdown:
+        md = [f"| {' | '.join(header)} |", "|" + "---|" * 2 + "---:|" * len(densities)]
+        md += [f"| {' | '.join(row)} |" for row in lines[1:]]
+        return "\n".join(md)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    body = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in lines
+    ]
+    return "\n".join([title + ":", *body])

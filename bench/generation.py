@@ -3,11 +3,17 @@
 ``model.generate`` hides the boundary between prefill and decode, but a patched model's
 ``stats(model)["layers"]`` keep only each layer's *last* layout: read after ``generate`` they would
 describe a one-row decode step, not the long prefill the benchmark is about. This loop calls back
-right after the prefill forward, where the layouts are the prompt's own.
+right after the forward that decides the first answer token, where the layouts are the prompt's own.
+
+A prompt can be split: its head through one prefill forward, its last ``decode_tail`` tokens through
+the cached decode path one token at a time (``prefill_head`` + ``continue_greedy``). A method that
+selects only at decode (Quest) is judged by its own selection only then: with the whole prompt
+prefilled densely the first answer token would come from dense attention.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -58,6 +64,65 @@ def greedy_generate(
             break
         step = torch.tensor([[token]], device=device)
         out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, **extra)
+    return new, True
+
+
+def _extra(model: Any) -> dict[str, Any]:
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+@torch.inference_mode()
+def prefill_head(model: Any, head_ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """One prefill forward of the 1-D ``head_ids``: (KV cache, logits of the last position [V])."""
+    if head_ids.dim() != 1 or head_ids.numel() < 1:
+        raise ValueError(f"head_ids must be a non-empty 1-D tensor, got shape {tuple(head_ids.shape)}")
+    device = next(model.parameters()).device
+    out = model(input_ids=head_ids.to(device)[None], use_cache=True, **_extra(model))
+    return out.past_key_values, out.logits[0, -1]
+
+
+def copy_cache(cache: Any) -> Any:
+    """An independent copy of a KV cache (the shared head prefill is continued by several methods)."""
+    return copy.deepcopy(cache)
+
+
+@torch.inference_mode()
+def continue_greedy(
+    model: Any,
+    cache: Any,
+    last_logits: torch.Tensor,
+    tail_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: set[int] | frozenset[int] = frozenset(),
+    on_answer_step: Callable[[], None] | None = None,
+) -> tuple[list[int], bool]:
+    """Feed ``tail_ids`` (1-D, maybe empty) one token at a time through the decode path of a model
+    whose ``cache`` holds the prompt's head (``last_logits``: the head's last-position logits), then
+    decode greedily as ``greedy_generate`` does. ``on_answer_step`` runs right after the forward that
+    decides the first answer token (the last tail token's; the head's when the tail is empty).
+    ``cache`` is extended in place."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    device = next(model.parameters()).device
+    extra = _extra(model)
+    logits = last_logits
+    for t in tail_ids.tolist():
+        step = torch.tensor([[int(t)]], device=device)
+        out = model(input_ids=step, past_key_values=cache, use_cache=True, **extra)
+        cache, logits = out.past_key_values, out.logits[0, -1]
+    if on_answer_step is not None:
+        on_answer_step()
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(logits.argmax())
+        if token in eos_ids:
+            return new, False
+        new.append(token)
+        if len(new) == max_new_tokens:
+            break
+        step = torch.tensor([[token]], device=device)
+        out = model(input_ids=step, past_key_values=cache, use_cache=True, **extra)
+        cache, logits = out.past_key_values, out.logits[0, -1]
     return new, True
 
 

@@ -78,3 +78,46 @@ def plot_perplexity(result: dict[str, Any], path: str | Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_density_sweep(result: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy against attention density per method (one panel per task: passkey, multi-key when
+    run), dense as a horizontal line; TopK, exact selection, is drawn as the ceiling of the others."""
+    from .accuracy_report import sweep_points
+
+    cfg = result["config"]
+    if not cfg.get("sweep"):
+        raise ValueError("result has no density sweep to plot (run with densities)")
+    ref = result["methods"].get(cfg.get("reference", "dense"), {})
+    tasks = [t for t in ("passkey", "multikey") if (ref.get(t) or {}).get("total")]
+    if not tasks:
+        raise ValueError("result has no task the reference answered (every method failed?)")
+    fig = _figure(3.0 + 3.0 * len(tasks), 3.6)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        dense = (ref.get(task) or {}).get("accuracy")
+        if dense is not None:
+            ax.axhline(dense, color="black", linestyle="--", linewidth=1.2, label=f"dense ({dense:.2f})")
+        for family, pts in sweep_points(result, task).items():
+            xs = [d for d, a in pts if a is not None]
+            ys = [a for _, a in pts if a is not None]
+            if not xs:
+                continue
+            methods = {e["method"] for e in cfg["sweep"][family]}
+            ceiling = methods == {"topk"}
+            ax.plot(
+                xs, ys, marker="o", linewidth=2.2 if ceiling else 1.5,
+                label=f"{family} (exact top-k: the ceiling)" if ceiling else family,
+            )  # fmt: skip
+        ax.set_xscale("log")
+        densities = sorted({float(e["density"]) for es in cfg["sweep"].values() for e in es})
+        ax.set_xticks(densities, [f"{d:g}" for d in densities])
+        ax.minorticks_off()
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("density (fraction of keys selected per decode step)")
+        ax.set_ylabel(f"{task} accuracy")
+        lengths = ", ".join(str(n) for n in cfg["lengths"])
+        ax.set_title(f"{task}, {lengths} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)

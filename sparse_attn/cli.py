@@ -4,8 +4,10 @@
                                  [--model smollm2|DIR --model-lengths 1k,2k,4k --model-methods ...]
     sparse-attn bench kernels [--quick] [--lengths 8k,32k] [--decode-lengths 32k,256k] [--no-flex]
     sparse-attn demo [--quick] [--out DIR]
-    sparse-attn bench accuracy [--model smollm2|DIR] [--methods dense,s2,...] [--lengths 1k,2k,4k,8k]
-                               [--depths 0,0.25,0.5,0.75,1] [--seeds N] [--text FILE] [--out DIR]
+    sparse-attn bench accuracy [--model smollm2|DIR] [--methods dense,s2,topk,quest,...]
+                               [--lengths 1k,2k,4k,8k] [--depths 0,0.25,0.5,0.75,1] [--seeds N]
+                               [--densities 0.02,0.05] [--decode-tail 64] [--head-prefill method|dense]
+                               [--text FILE] [--out DIR]
     sparse-attn bench report JSON [--readme README.md]
                                  [--json PATH] [--repeats N] [--threads N] [--flex/--no-flex]
 
@@ -50,6 +52,31 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _density_list(text: str) -> list[float]:
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a density: {item!r} (use e.g. 0.05)") from None
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"a density is a fraction in (0, 1], got {item!r}")
+        out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of densities, e.g. 0.02,0.05")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--methods",
         default="dense,sink_local,s2,a_shape",
-        help="comma-separated presets (dense, sink_local, s2, a_shape) or config .json paths",
+        help="comma-separated presets (dense, sink_local, s2, a_shape), dynamic methods at their "
+        "defaults (topk, quest) or config .json paths",
     )
     ap.add_argument("--lengths", type=_length_list, default=[1024, 2048], metavar="1k,2k,4k,8k")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
@@ -181,6 +209,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--ppl-windows", type=_positive_int, default=4, metavar="N", help="perplexity windows (default 4)"
+    )
+    ap.add_argument(
+        "--densities",
+        type=_density_list,
+        default=None,
+        metavar="0.02,0.05,0.1,0.25",
+        help="run each dynamic method (topk, quest) once per density, as rows topk@0.05, ...; dense and "
+        "static methods run once; adds density-sweep.png",
+    )
+    ap.add_argument(
+        "--decode-tail",
+        type=_nonnegative_int,
+        default=64,
+        metavar="N",
+        help="feed the prompt's last N tokens (at least its question) through the cached decode path one "
+        "token at a time, for every method alike, so a decode-only method decides the answer "
+        "(default 64; 0: the whole prompt in one prefill)",
+    )
+    ap.add_argument(
+        "--head-prefill",
+        choices=("method", "dense"),
+        default="method",
+        help="the prompt's head (all but the decode tail): each method's own prefill path (default), or "
+        "one dense prefill of the unpatched model shared by every method (decode-only methods run a "
+        "dense prefill anyway; TopK then selects only at decode)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch threads (default: torch's own); on a loaded machine 1 thread avoids threads waiting "
+        "for each other at every small decode op",
     )
     ap.add_argument("--no-multikey", action="store_true", help="skip multi-key retrieval")
     ap.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
@@ -216,13 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _methods_arg(text: str) -> dict[str, object]:
+def _methods_arg(text: str, dynamic: bool = False) -> dict[str, object]:
+    """{name: config} for comma-separated presets and config paths; with ``dynamic``, also the
+    dynamic methods by name (``topk``, ``quest``) at their default settings."""
     from pathlib import Path
 
+    from .methods import METHODS, DynamicMethod
     from .presets import resolve_config
 
     out: dict[str, object] = {}
     for name in (x.strip() for x in text.split(",") if x.strip()):
+        cls = METHODS.get(name)
+        if dynamic and cls is not None and issubclass(cls, DynamicMethod):
+            out[name] = cls()
+            continue
         out[Path(name).stem if name.endswith(".json") else name] = (
             None if name == "dense" else resolve_config(name)
         )
@@ -235,7 +303,13 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
     accuracy = _import_bench("accuracy")
     plots = _import_bench("plots")
     depths = [float(x) for x in args.depths.split(",") if x.strip()]
-    methods = _methods_arg(args.methods)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = _methods_arg(args.methods, dynamic=True)
+    if args.densities:
+        methods = accuracy.expand_densities(methods, args.densities)
     model, tokenizer = accuracy.load_model(args.model)
     result = accuracy.run_accuracy(
         model,
@@ -249,12 +323,16 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
         text_path=args.text,
         ppl_tokens=args.ppl_tokens,
         ppl_windows=args.ppl_windows,
+        decode_tail=args.decode_tail,
+        head_prefill=args.head_prefill,
     )
     out = Path(args.out)
     path = _import_bench("harness").write_json(result, out / "accuracy.json")
     plots.plot_needle_heatmap(result, out / "needle-heatmap.png")
     if not args.no_perplexity:
         plots.plot_perplexity(result, out / "perplexity.png")
+    if result["config"].get("sweep"):
+        plots.plot_density_sweep(result, out / "density-sweep.png")
     print(accuracy.format_table(result))
     print(f"wrote {path} and PNGs in {out}")
     return 0
