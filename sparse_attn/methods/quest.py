@@ -25,7 +25,6 @@ from .base import StaticMethod
 from .dynamic import (
     DynamicMethod,
     SideSpec,
-    always_kept,
     check_decode_inputs,
     group_log_mass,
     mask_to_selection,
@@ -85,23 +84,42 @@ class Quest(DynamicMethod):
         ok = block_ok[:, None, None, :] & row_ok[:, None, :, None]
         score = group_log_mass(bounds.masked_fill(~ok, float("-inf")))  # [B, Hkv, nb]
 
-        kept = always_kept(kvl, n, self.sink_tokens, self.local_tokens, dev)  # [B, n]
-        j = torch.arange(n, device=dev)
-        last_block = ((kvl - 1).clamp(min=0) // bs).to(dev)
-        kept = kept | ((j[None, :] // bs == last_block[:, None]) & (j[None, :] < kvl.to(dev)[:, None]))
+        # The always-kept keys are two ranges per row: [0, s) (sinks) and [t, kv_len) (the local window
+        # and the current block). Everything below works on blocks and on the selected keys only
+        # (O(blocks + budget)), never on a mask over all N keys.
+        kvl_d = kvl.to(dev)
+        s = kvl.clamp(max=self.sink_tokens)
+        t = torch.minimum(kvl - self.local_tokens, (kvl - 1).clamp(min=0) // bs * bs).clamp(min=0)
+        t = torch.where(t <= s, torch.zeros_like(t), t)  # the ranges meet: every key is kept
+        s = torch.where(t == 0, kvl, s)
+        kept_count = s + (kvl - t).clamp(min=0) * (t > 0)
         budget = self.budget(kvl)
-        left = (budget - kept.sum(-1).cpu()).clamp(min=0)
-        n_blocks = left // bs
-        # blocks entirely kept already are no candidates
-        padded = torch.ones(b, nb * bs, dtype=torch.bool, device=dev)  # positions past n: absent
-        padded[:, :n] = kept | (j[None, :] >= kvl.to(dev)[:, None])
-        covered = padded.view(b, nb, bs).all(-1)
+        n_blocks = (budget - kept_count).clamp(min=0) // bs
+        everything = budget >= kvl
+        n_blocks = torch.where(everything, torch.full_like(n_blocks, nb), n_blocks)
+        s_d, t_d = s.to(dev)[:, None], torch.where(t > 0, t, kvl).to(dev)[:, None]  # kept: j < s or j >= t
+        start = blk[None, :] * bs  # [1, nb]
+        stop = torch.minimum(start + bs, kvl_d[:, None])  # [B, nb] end of each block within the row
+        # blocks entirely kept already (or past the row) are no candidates
+        covered = (stop <= s_d) | (start >= t_d)
         score = score.masked_fill(covered[:, None, :], float("-inf"))
-        chosen = top_by_score(score, torch.zeros_like(score, dtype=torch.bool), n_blocks[:, None])
-        tokens = chosen.repeat_interleave(bs, dim=-1)[..., :n] | kept[:, None]
-        everything = (budget >= kvl).to(dev)[:, None, None]
-        tokens = (tokens | everything) & (j[None, None, :] < kvl.to(dev)[:, None, None])
-        return mask_to_selection(tokens)
+        chosen = top_by_score(score, torch.zeros_like(score, dtype=torch.bool), n_blocks.to(dev)[:, None])
+        touches_kept = ((start < s_d) | (stop > t_d)) & (start < kvl_d[:, None])  # [B, nb]
+        visit = mask_to_selection(chosen | touches_kept[:, None])  # blocks holding selected keys
+        blocks = visit.indices  # [B, Hkv, m], ascending
+        m = blocks.shape[-1]
+        tok = (blocks[..., None] * bs + torch.arange(bs, device=dev)).reshape(b, -1, m * bs)
+        slot_ok = torch.arange(m, device=dev) < visit.counts.to(dev)[..., None]  # [B, Hkv, m]
+        slot_ok = slot_ok.repeat_interleave(bs, dim=-1)
+        whole = chosen.gather(-1, blocks).repeat_interleave(bs, dim=-1)
+        kvl3, s3, t3 = kvl_d[:, None, None], s_d[:, :, None], t_d[:, :, None]
+        keep = slot_ok & (tok < kvl3) & (whole | (tok < s3) | (tok >= t3))
+        packed = mask_to_selection(keep)
+        counts = packed.counts
+        width = packed.indices.shape[-1]
+        indices = tok.gather(-1, packed.indices)
+        indices = torch.where(torch.arange(width, device=dev) < counts[..., None], indices, 0)
+        return TokenSelection(indices, counts)
 
 
 def block_min_max(keys: torch.Tensor, block: int, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
