@@ -60,8 +60,9 @@ _batches: Counter[str] = Counter()
 def stats() -> dict[str, Any]:
     """This process's layer calls (sparse / dense layers), the kinds of batches its steps held
     (``mixed``: decodes and prefills together; ``chunked_prefill``: a prefill chunk after cached
-    context; ``prompt_tokens``: prompt tokens computed, prefix-cache hits excluded), dense-fallback counts per reason and what dynamic layers did (``dynamic``: decode
-    selections, their measured density, prefill rows by how they ran, side-data bytes)."""
+    context; ``prompt_tokens``: prompt tokens computed, prefix-cache hits excluded), dense-fallback
+    counts per reason and what dynamic layers did (``dynamic``: decode selections, their measured
+    density, prefill rows by how they ran, side-data bytes)."""
     with _calls_lock:
         calls, batches = dict(_calls), dict(_batches)
     return {"calls": calls, "batches": batches, "fallbacks": FALLBACKS.counts(), "dynamic": DYNAMIC.as_dict()}
