@@ -97,7 +97,12 @@ class PagedSideStore:
         self.geometry = (num_pages, page_size, num_kv_heads, head_dim)
         self.units_per_page = _units_per_page(spec, page_size, "page_size")
         self.data = torch.zeros(
-            num_pages, num_kv_heads, self.units_per_page, *spec.shape, dtype=spec.dtype_for(dtype), device=device
+            num_pages,
+            num_kv_heads,
+            self.units_per_page,
+            *spec.shape,
+            dtype=spec.dtype_for(dtype),
+            device=device,
         )
 
     @classmethod
@@ -129,7 +134,9 @@ class PagedSideStore:
         padding and skipped)."""
         self.check_cache(key_cache)
         if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1:
-            raise ShapeError(f"slot_mapping must be a 1-dim tensor, got {getattr(slot_mapping, 'shape', None)}")
+            raise ShapeError(
+                f"slot_mapping must be a 1-dim tensor, got {getattr(slot_mapping, 'shape', None)}"
+            )
         slots = slot_mapping.to(key_cache.device, torch.int64)
         slots = slots[slots >= 0]
         if slots.numel() == 0:
@@ -165,7 +172,9 @@ class PagedSideStore:
         units = self.spec.units(int(kvl.max())) if g else 0
         used = -(-units // self.units_per_page)
         if used > block_table.shape[1]:
-            raise ShapeError(f"kv_lens reach {int(kvl.max())} keys, beyond block_table's {block_table.shape[1]} pages")
+            raise ShapeError(
+                f"kv_lens reach {int(kvl.max())} keys, beyond block_table's {block_table.shape[1]} pages"
+            )
         dev = self.data.device
         pages = block_table[:, :used].to(dev, torch.int64).clamp(0, num_pages - 1)
         rows = self.data[pages]  # [G, used, Hkv, upp, *shape]

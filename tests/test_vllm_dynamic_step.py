@@ -22,15 +22,26 @@ from tests.oracle import dense_attention
 from tests.test_vllm_step import Scenario
 
 # (q_len, kv_len, still prefilling): decodes, whole and chunked prefills, a one-token last chunk
-REQUESTS = [(1, 77, False), (40, 40, True), (1, 1, False), (23, 130, True), (1, 200, False), (64, 95, True),
-            (7, 7, True), (1, 61, True)]
+REQUESTS = [
+    (1, 77, False),
+    (40, 40, True),
+    (1, 1, False),
+    (23, 130, True),
+    (1, 200, False),
+    (64, 95, True),
+    (7, 7, True),
+    (1, 61, True),
+]
 
 METHODS = {
     "topk": TopK(tokens=40, sink_tokens=4, local_tokens=8, block_size=16),
     "topk_density": TopK(density=0.3, sink_tokens=2, local_tokens=5, block_size=32),
     "quest": Quest(tokens=64, sink_tokens=4, local_tokens=8, block_size=16),
     "quest_static_prefill": Quest(
-        density=0.4, sink_tokens=3, local_tokens=5, block_size=8,
+        density=0.4,
+        sink_tokens=3,
+        local_tokens=5,
+        block_size=8,
         prefill=SinkLocal(sink_tokens=4, window_tokens=37, block_size=16),
     ),
 }
@@ -50,7 +61,9 @@ class DynScenario(Scenario):
 
     def slots(self, r: int, start: int, stop: int) -> torch.Tensor:
         pos = torch.arange(start, stop)
-        return self.block_table[r, pos // self.page_size].to(torch.int64) * self.page_size + pos % self.page_size
+        return (
+            self.block_table[r, pos // self.page_size].to(torch.int64) * self.page_size + pos % self.page_size
+        )
 
     def side_store(self, method, key_cache=None) -> PagedSideStore | None:
         key_cache = self.key_cache if key_cache is None else key_cache
@@ -69,7 +82,9 @@ class DynScenario(Scenario):
         return store
 
     def step(self, min_seq_len: int = 0) -> PagedStep:
-        return PagedStep(self.query_start, self.kv_lens, self.block_table, min_seq_len, prefilling=self.prefilling)
+        return PagedStep(
+            self.query_start, self.kv_lens, self.block_table, min_seq_len, prefilling=self.prefilling
+        )
 
     def run_dynamic(self, method, shard=None, backend="torch", observe=None, heads=None):
         """One rank (all heads by default) of the layer: its query heads, KV heads and side data."""
@@ -78,8 +93,17 @@ class DynScenario(Scenario):
         key_cache, value_cache = self.key_cache[:, :, ks], self.value_cache[:, :, ks]
         out = torch.full((self.query.shape[0], shard.local_heads, self.d), float("nan"))
         attend(
-            self.query[:, qs], key_cache, value_cache, self.step(), (method,) * self.hq, shard, self.d**-0.5,
-            out, backend=backend, side=self.side_store(method, key_cache), observe=observe,
+            self.query[:, qs],
+            key_cache,
+            value_cache,
+            self.step(),
+            (method,) * self.hq,
+            shard,
+            self.d**-0.5,
+            out,
+            backend=backend,
+            side=self.side_store(method, key_cache),
+            observe=observe,
         )
         return out
 
@@ -99,7 +123,9 @@ class DynScenario(Scenario):
 
 
 def _budget(method) -> dict:
-    return dict(density=method.density, tokens=method.tokens, sink=method.sink_tokens, local=method.local_tokens)
+    return dict(
+        density=method.density, tokens=method.tokens, sink=method.sink_tokens, local=method.local_tokens
+    )
 
 
 def selection_mask(method, q, k, q_len: int, kv_len: int, decode: bool, scale: float) -> torch.Tensor:
@@ -198,7 +224,16 @@ def test_layers_select_from_their_own_queries() -> None:
     method = METHODS["topk"]
     for layer in (first, second):
         out = torch.empty(layer.query.shape[0], 4, 64)
-        attend(layer.query, layer.key_cache, layer.value_cache, step, (method,) * 4, HeadShard(4, 2), 64**-0.5, out)
+        attend(
+            layer.query,
+            layer.key_cache,
+            layer.value_cache,
+            step,
+            (method,) * 4,
+            HeadShard(4, 2),
+            64**-0.5,
+            out,
+        )
         torch.testing.assert_close(out.double(), layer.dynamic_reference(method), **TOL)
 
 
@@ -224,7 +259,16 @@ def test_missing_side_store_is_refused() -> None:
     sc = DynScenario(REQUESTS[:2], 4, 2, 64, 16)
     out = torch.empty(sc.query.shape[0], 4, 64)
     with pytest.raises(ConfigError, match="side"):
-        attend(sc.query, sc.key_cache, sc.value_cache, sc.step(), (METHODS["quest"],) * 4, HeadShard(4, 2), 0.1, out)
+        attend(
+            sc.query,
+            sc.key_cache,
+            sc.value_cache,
+            sc.step(),
+            (METHODS["quest"],) * 4,
+            HeadShard(4, 2),
+            0.1,
+            out,
+        )
 
 
 @pytest.mark.parametrize("name", ["topk", "quest"])

@@ -202,7 +202,14 @@ def run_plan(
     """Run one row group's plan on the paged cache: out [G, Hq, Sq, Dv]."""
     if isinstance(plan, TokenSelection):
         return paged_token_sparse_attention(
-            q, key_cache, value_cache, table, plan, kv_lens=group.kv_lens, q_lens=group.q_lens, scale=scale,
+            q,
+            key_cache,
+            value_cache,
+            table,
+            plan,
+            kv_lens=group.kv_lens,
+            q_lens=group.q_lens,
+            scale=scale,
             backend=backend,
         )
     return paged_block_sparse_attention(q, key_cache, value_cache, table, plan, scale=scale, backend=backend)
@@ -230,7 +237,9 @@ def attend(
     if dynamic is not None:
         from .dynamic_step import attend_dynamic
 
-        attend_dynamic(query, key_cache, value_cache, step, dynamic, shard, scale, output, side, backend, observe)
+        attend_dynamic(
+            query, key_cache, value_cache, step, dynamic, shard, scale, output, side, backend, observe
+        )
         return
     dense_methods: HeadMethods = (None,) * len(methods)
     for gi, g in enumerate(step.groups()):
