@@ -11,6 +11,13 @@ per run on a 2-core CPU. Two modes:
   the same layout, when it works on this machine.
 - decode (Sq = 1) at 16k/32k/64k cache: dense SDPA against SinkLocal and S2 selecting ~1/16 of the
   cache (block layouts) and ``token_sparse_attention`` over a random TokenSelection of N/16 keys.
+  The content-based methods at 5% density, their selection cost included in every timed step:
+  TopK (exact scores over all keys + top-k + ``token_sparse_attention``, one
+  ``sparse_attention(q, k, v, TopK(density=0.05))`` call) and Quest (the side-data store's update
+  for the step's new key — the last block's min/max — then ``sparse_attention(..., side=...)``:
+  block bounds, top blocks, the selected keys, ``token_sparse_attention``). Quest's timed steps are
+  consecutive decode steps, each one key longer (a store only extends by the keys it has not seen):
+  the store is built for the first ``N - steps`` keys outside the timing, and the steps end at N.
 
 Before any method is timed it must pass a correctness self-check on a small shape (its kernel
 output against the float64 dense reference with ``method.mask()``); a method that fails is reported
@@ -58,6 +65,8 @@ DATA_SEED = 0
 GOAL_PREFILL = {"length": 16384, "target_density": 0.10, "min_speedup": 5.0}
 GOAL_DECODE = {"length": 65536, "target_density": DECODE_FRACTION, "min_speedup": 8.0}
 GOAL_MEMORY = {"length": 32768, "max_ratio": 2.0}
+DYNAMIC_DENSITY = 0.05
+GOAL_QUEST = {"length": 65536, "target_density": DYNAMIC_DENSITY, "min_speedup": 4.0}
 
 ROW_FIELDS = (
     "op",
@@ -271,6 +280,50 @@ def check_token(n: int, count: int) -> dict[str, Any]:
     out = sa.token_sparse_attention(q, k, v, sel)
     ok, err, tol = _compare(out, ref, base_err)
     return {"ok": ok, "shape": [1, n], "max_abs_err": err, "tol": tol}
+
+
+def check_dynamic(method: Any, n: int) -> dict[str, Any]:
+    """Self-check of a content-based method's decode step at a small cache of ``n`` keys: the output of
+    ``sparse_attention`` against the float64 reference over the keys ``sparse_attn.select`` chose;
+    with a budget that covers the row, against dense attention; for a method with side data, the
+    store's step-by-step data against data computed from all keys at once."""
+    import dataclasses
+
+    import sparse_attn as sa
+    from sparse_attn.side_data import ContiguousSideStore, compute_side_data
+
+    q, k, v = _qkv(1, n, CHECK_SEED)
+    sel = sa.select(method, q, k)
+    mask = sel.to_dense_mask(n)
+    mask = mask.repeat_interleave(HQ // mask.shape[1], dim=1) if mask.shape[1] != HQ else mask
+    ref, base_err = _reference(q, k, v, mask.unsqueeze(2))
+    ok, err, tol = _compare(sa.sparse_attention(q, k, v, method), ref, base_err)
+    full = dataclasses.replace(method, density=1.0, tokens=None)
+    dense_mask = torch.ones(1, HQ, 1, n, dtype=torch.bool)
+    dref, dbase = _reference(q, k, v, dense_mask)
+    ok_full, err_full, _ = _compare(sa.sparse_attention(q, k, v, full), dref, dbase)
+    checks: dict[str, Any] = {
+        "selection": {"ok": ok, "max_abs_err": err, "tol": tol, "density": round(float(sel.density([n])), 5)},
+        "full_budget_is_dense": {"ok": ok_full, "max_abs_err": err_full},
+    }
+    side_ok = True
+    if method.side_spec(HEAD_DIM) is not None:
+        store = ContiguousSideStore(method)
+        start = n - 40
+        store.update(k[:, :, :start], torch.tensor([start]), new_tokens=start)
+        for length in range(start + 1, n + 1):
+            side = store.update(k[:, :, :length], torch.tensor([length]), new_tokens=1)
+        want = compute_side_data(method, k, torch.tensor([n]))
+        assert side is not None and want is not None
+        units = want.shape[2]
+        side_ok = bool(torch.equal(side[:, :, :units], want)) and store.rebuilds == 1
+        checks["side_store_steps_equal_full_build"] = {"ok": side_ok, "steps": n - start}
+    return {
+        "ok": ok and ok_full and side_ok,
+        "shape": [1, n],
+        "params": harness.method_params(method),
+        "checks": checks,
+    }
 
 
 def _check_sdpa(sq: int, skv: int) -> dict[str, Any]:
@@ -586,6 +639,76 @@ def _bench_decode(n: int, runner: _Runner) -> list[dict[str, Any]]:
         runner.fail(row, exc)
     rows.append(row)
     runner.done(row, t0)
+    rows.extend(_bench_decode_dynamic(n, runner, q, k, v, qkv_bytes, check_len))
+    return rows
+
+
+def _bench_decode_dynamic(
+    n: int,
+    runner: _Runner,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qkv_bytes: int,
+    check_len: int,
+) -> list[dict[str, Any]]:
+    """TopK and Quest decode steps at ``DYNAMIC_DENSITY``, the selection inside every timed call."""
+    import sparse_attn as sa
+    from sparse_attn.side_data import ContiguousSideStore
+
+    rows: list[dict[str, Any]] = []
+    d = DYNAMIC_DENSITY
+    for name, label, method in (
+        ("topk", f"{d:.0%} exact scores + top-k", sa.TopK(density=d)),
+        ("quest", f"{d:.0%} block bounds, {16}-key blocks", sa.Quest(density=d, block_size=16)),
+    ):
+        t0 = time.perf_counter()
+        row = _row(
+            "token_sparse_attention",
+            name,
+            harness.method_params(method),
+            "decode",
+            1,
+            n,
+            label=label,
+            target_density=d,
+            qkv_bytes=qkv_bytes,
+            selection_included=True,
+        )
+        try:
+            row["check"] = check_dynamic(method, check_len)
+            if not row["check"]["ok"]:
+                row["status"] = "failed-correctness"
+            elif name == "topk":
+                row["density"] = round(float(sa.select(method, q, k).density([n])), 5)
+                runner.measure(row, lambda method=method: sa.sparse_attention(q, k, v, method), qkv_bytes)
+            else:
+                # k and v are the cache at its capacity N, right-padded: a step's row holds ``length``
+                # keys (kv_lens), as in a static or paged cache; the store only extends
+                steps = runner.repeats + 1  # the untimed memory-probe call, then the timed ones
+                start = n - steps
+                store = ContiguousSideStore(method)
+                tp = time.perf_counter()
+                store.update(k, torch.tensor([start]), new_tokens=start)
+                row["side_build_ms"] = round((time.perf_counter() - tp) * 1e3, 3)
+                state: dict[str, Any] = {"len": start, "side": None}
+
+                def step(method: Any = method, store: Any = store, state: dict = state) -> torch.Tensor:
+                    length = state["len"] = min(state["len"] + 1, n)
+                    lens = torch.tensor([length])
+                    side = state["side"] = store.update(k, lens, new_tokens=1)
+                    return sa.sparse_attention(q, k, v, method, side=side, kv_lens=lens)
+
+                runner.measure(row, step, qkv_bytes)
+                row["kv_lens_timed"] = [start + 1, state["len"]]
+                row["side_rebuilds_while_timed"] = store.rebuilds - 1
+                lens = torch.tensor([state["len"]])
+                sel = sa.select(method, q, k, side=state["side"], kv_lens=lens)
+                row["density"] = round(float(sel.density(lens)), 5)
+        except Exception as exc:  # one failing case must not end the run
+            runner.fail(row, exc)
+        rows.append(row)
+        runner.done(row, t0)
     return rows
 
 
@@ -662,6 +785,28 @@ def evaluate_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "met": None if not sel else all(x is not None and x >= GOAL_DECODE["min_speedup"] for x in vals),
     }
 
+    sel = [r for r in pick("decode", GOAL_QUEST["length"], GOAL_QUEST["target_density"], ("token_sparse_attention",))
+           if r["method"] == "quest"]  # fmt: skip
+    vals = [r["speedup_vs_dense"] for r in sel]
+    goals["quest_decode_64k_5pct_speedup"] = {
+        "description": "Quest decode over a 64k cache at 5% density, selection included (side-data update, "
+        "bounds, top blocks, token-sparse attention), is >= 4x faster than dense SDPA",
+        "threshold": GOAL_QUEST["min_speedup"],
+        "rows": [
+            {
+                "method": r["method"],
+                "op": r["op"],
+                "label": r.get("label"),
+                "density": r["density"],
+                "speedup_vs_dense": r["speedup_vs_dense"],
+                "status": r["status"],
+            }
+            for r in sel
+        ],
+        "value": min(vals) if vals and None not in vals else None,
+        "met": None if not sel else all(x is not None and x >= GOAL_QUEST["min_speedup"] for x in vals),
+    }
+
     sel = [
         r
         for r in rows
@@ -722,12 +867,16 @@ def run(
     threads: int | None = None,
     flex: bool | None = None,
     log: Callable[[str], None] | None = None,
+    prefill: bool = True,
 ) -> dict[str, Any]:
-    """Run the benchmark and return the result document (rows, goals, environment)."""
+    """Run the benchmark and return the result document (rows, goals, environment); ``prefill=False``
+    runs the decode cases only."""
     import sparse_attn  # noqa: F401 - fail early with the import error
 
     log = log or (lambda _msg: None)
     lengths = tuple(lengths) if lengths else (QUICK_PREFILL_LENGTHS if quick else DEFAULT_PREFILL_LENGTHS)
+    if not prefill:
+        lengths = ()
     decode_lengths = (
         tuple(decode_lengths)
         if decode_lengths

@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode KV-cache lengths (default 16k,32k,64k; --quick: 1k)",
     )
     tp.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="run only the decode cases (dense, static, random-token, TopK and Quest rows)",
+    )
+    tp.add_argument(
         "--json",
         default=None,
         metavar="PATH",
@@ -411,6 +416,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         threads=args.threads,
         flex=args.flex,
         log=log,
+        prefill=not args.decode_only,
     )
     json_path = args.json or throughput.default_json_path(args.quick)
     print(throughput.format_table(result))

@@ -27,7 +27,12 @@ ROW_FIELDS = (
     "peak_extra_mem_bytes",
     "status",
 )
-GOALS = {"prefill_16k_10pct_speedup", "decode_64k_1of16_speedup", "prefill_32k_extra_memory"}
+GOALS = {
+    "prefill_16k_10pct_speedup",
+    "decode_64k_1of16_speedup",
+    "quest_decode_64k_5pct_speedup",
+    "prefill_32k_extra_memory",
+}
 EXPECTED = {
     ("prefill", "sdpa", "dense"),
     ("prefill", "block_sparse_attention", "sink_local"),
@@ -38,6 +43,8 @@ EXPECTED = {
     ("decode", "block_sparse_attention", "sink_local"),
     ("decode", "block_sparse_attention", "s2"),
     ("decode", "token_sparse_attention", "token_random"),
+    ("decode", "token_sparse_attention", "topk"),
+    ("decode", "token_sparse_attention", "quest"),
 }
 
 
@@ -96,6 +103,39 @@ def test_quick_run_writes_the_fixed_schema(tmp_path, capsys):
             assert r["density"] < 1 and r["check"]["ok"]
         if memory.supported():
             assert isinstance(r["peak_extra_mem_bytes"], int) and r["peak_extra_mem_bytes"] >= 0
+
+
+def test_decode_only_times_the_dynamic_methods_with_their_selection(tmp_path):
+    rc, doc = _run(tmp_path, "--decode-only")
+    assert rc == 0 and doc["config"]["prefill_lengths"] == []
+    assert {r["mode"] for r in doc["rows"]} == {"decode"}
+    dyn = {r["method"]: r for r in doc["rows"] if r["method"] in ("topk", "quest")}
+    assert set(dyn) == {"topk", "quest"}
+    for r in dyn.values():
+        assert r["status"] == "ok" and r["selection_included"] is True
+        assert 0 < r["density"] <= 0.06  # whole 16-key blocks: Quest may stay under its budget
+        checks = r["check"]["checks"]
+        assert checks["selection"]["ok"] and checks["full_budget_is_dense"]["ok"]
+    quest = dyn["quest"]
+    assert quest["check"]["checks"]["side_store_steps_equal_full_build"]["ok"]
+    # consecutive decode steps ending at the cache length, the store only extended
+    assert quest["kv_lens_timed"][1] == 512 and quest["side_rebuilds_while_timed"] == 0
+    goal = doc["goals"]["quest_decode_64k_5pct_speedup"]
+    assert goal["met"] is None and goal["threshold"] == 4.0
+
+
+def test_quest_goal_is_judged_on_the_64k_quest_row():
+    throughput = _bench_module("throughput")
+
+    def row(method, speedup, length=65536):
+        return {"mode": "decode", "length": length, "op": "token_sparse_attention", "method": method,
+                "target_density": 0.05, "density": 0.05, "speedup_vs_dense": speedup, "status": "ok"}  # fmt: skip
+
+    goals = throughput.evaluate_goals([row("topk", 0.5), row("quest", 4.2), row("quest", 1.0, 32768)])
+    g = goals["quest_decode_64k_5pct_speedup"]
+    assert g["met"] is True and g["value"] == 4.2 and [r["method"] for r in g["rows"]] == ["quest"]
+    g = throughput.evaluate_goals([row("quest", 3.9)])["quest_decode_64k_5pct_speedup"]
+    assert g["met"] is False
 
 
 def test_method_failing_its_self_check_gets_no_speed(tmp_path, monkeypatch):
