@@ -8,6 +8,7 @@
                                [--lengths 1k,2k,4k,8k] [--depths 0,0.25,0.5,0.75,1] [--seeds N]
                                [--densities 0.02,0.05] [--decode-tail 64] [--head-prefill method|dense]
                                [--text FILE] [--out DIR]
+    sparse-attn bench quest-bound [--model smollm2|DIR] [--length 4k] [--blocks 16,8] [--out DIR]
     sparse-attn bench report JSON [--readme README.md]
                                  [--json PATH] [--repeats N] [--threads N] [--flex/--no-flex]
 
@@ -255,6 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.set_defaults(handler=_cmd_bench_accuracy)
 
+    qb = bench_sub.add_parser(
+        "quest-bound",
+        help="how tight Quest's block bound is, per layer, on a real passkey prompt",
+        description="Captures the post-RoPE queries (the prompt's last --queries positions) and keys of "
+        "every layer in one dense forward of a passkey prompt and measures, per layer and block size: "
+        "bound minus true block max (in logit standard deviations), rank correlation, recall of the "
+        "best blocks by true max and by attention mass, the attention mass Quest's and TopK's "
+        "selections keep, whether they hold the needle, and the gap by RoPE frequency band. Writes "
+        "JSON and a markdown summary.",
+    )
+    qb.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local checkpoint directory")
+    qb.add_argument("--length", type=_parse_length, default=4096, metavar="N", help="prompt tokens (4k)")
+    qb.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (0.5)")
+    qb.add_argument("--seed", type=int, default=0, help="seed of the passkey (0)")
+    qb.add_argument("--queries", type=_positive_int, default=64, metavar="N", help="last N positions (64)")
+    qb.add_argument("--blocks", default="16,8", help="Quest block sizes (16,8)")
+    qb.add_argument("--densities", type=_density_list, default=[0.05, 0.1], metavar="0.05,0.1")
+    qb.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch threads")
+    qb.add_argument("--out", default="sparse-attn-quest-bound", metavar="DIR", help="JSON and markdown")
+    qb.set_defaults(handler=_cmd_bench_quest_bound)
+
     rp = bench_sub.add_parser(
         "report",
         help="print a benchmark JSON as markdown (optionally rewrite the README's results block)",
@@ -340,6 +362,35 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
         plots.plot_density_sweep(result, out / "density-sweep.png")
     print(accuracy.format_table(result))
     print(f"wrote {path} and PNGs in {out}")
+    return 0
+
+
+def _cmd_bench_quest_bound(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    quest_bound = _import_bench("quest_bound")
+    model, tokenizer = _import_bench("accuracy").load_model(args.model)
+    result = quest_bound.run(
+        model,
+        tokenizer,
+        length=args.length,
+        depth=args.depth,
+        seed=args.seed,
+        queries=args.queries,
+        block_sizes=[int(x) for x in args.blocks.split(",") if x.strip()],
+        densities=args.densities,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    out = Path(args.out)
+    path = _import_bench("harness").write_json(result, out / "quest-bound.json")
+    text = quest_bound.format_summary(result)
+    (out / "quest-bound.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"wrote {path} and {out / 'quest-bound.md'}")
     return 0
 
 
