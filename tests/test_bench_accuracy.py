@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import sparse_attn
 from sparse_attn import SinkLocal
-from sparse_attn.bench import accuracy, harness, perplexity, plots, prompts, scoring
+from sparse_attn.bench import accuracy, accuracy_report, harness, perplexity, plots, prompts, scoring
 from sparse_attn.bench.passkey import FILLER, INTRO, QUESTION, needle
 
 KEY = "71432"
@@ -410,3 +410,124 @@ def test_run_accuracy_adds_dense_and_checks_arguments(tiny_llama, tokenizer) -> 
         )
     with sparse_attn.patch(tiny_llama, "dense"), pytest.raises(ValueError, match="already patched"):
         accuracy.run_accuracy(tiny_llama, tokenizer, {"d": None}, [100], [0.5], progress=False)
+
+
+# --- decode tail, density sweep (dynamic methods) ----------------------------------------------------
+
+
+def test_question_tokens_and_tail_length(tokenizer) -> None:
+    cases = accuracy.build_cases(tokenizer, [300], [0.5], [0], multikey=True, multikey_keys=2)
+    for case in cases:
+        q = accuracy.question_tokens(tokenizer, case)
+        question = accuracy.question_text(case)
+        assert q >= len(tokenizer(question, add_special_tokens=False)["input_ids"]) - 1 and q > 5
+        n = case.prompt.num_tokens
+        assert accuracy.tail_length(n, q, 0) == 0  # the whole prompt in one prefill
+        assert accuracy.tail_length(n, q, 1) == q  # at least the question
+        assert accuracy.tail_length(n, q, 64) == 64
+        assert accuracy.tail_length(n, q, 10**6) == n - 1  # the head keeps one token
+
+
+def test_expand_densities() -> None:
+    window = SinkLocal(sink_tokens=4, window_tokens=32, block_size=16)
+    out = accuracy.expand_densities(
+        {"dense": None, "w": window, "topk": sparse_attn.TopK(), "quest": sparse_attn.Quest(block_size=8)},
+        [0.1, 0.02],
+    )
+    assert list(out) == ["dense", "w", "topk@0.02", "topk@0.1", "quest@0.02", "quest@0.1"]
+    assert out["dense"] is None and out["w"] is window
+    assert out["quest@0.02"] == sparse_attn.Quest(density=0.02, block_size=8)  # tokens budget replaced
+    assert out["topk@0.1"].density == 0.1 and out["topk@0.1"].tokens is None
+    from sparse_attn.presets import resolve_config
+
+    preset = accuracy.expand_densities({"q": resolve_config("quest")}, [0.05])
+    assert preset["q@0.05"] == sparse_attn.Quest(density=0.05)
+    with pytest.raises(ValueError, match="densities"):
+        accuracy.expand_densities({"topk": sparse_attn.TopK()}, [0.0])
+
+
+def test_decode_tail_sweep_end_to_end(tiny_llama, tokenizer, tmp_path) -> None:
+    methods = accuracy.expand_densities({"dense": None, "topk": sparse_attn.TopK(), "quest": sparse_attn.Quest()}, [0.05, 1.0])  # fmt: skip
+    result = accuracy.run_accuracy(
+        tiny_llama, tokenizer, methods, [160], [0.0, 1.0], [0], multikey=True, perplexity=False,
+        progress=False, max_new_tokens=4, multikey_keys=2, decode_tail=16, head_prefill="dense",
+    )  # fmt: skip
+    cfg = result["config"]
+    assert cfg["decode_tail"] == 16 and cfg["head_prefill"] == "dense" and cfg["shared_prefill_s"] > 0
+    assert [e["name"] for e in cfg["sweep"]["topk"]] == ["topk@0.05", "topk@1"]
+    by_method: dict[str, list[dict]] = {}
+    for r in result["rows"]:
+        by_method.setdefault(r["method"], []).append(r)
+        assert r["prefill_tokens"] + r["decode_tokens"] == r["prompt_tokens"] and r["decode_tokens"] >= 16
+    cases = accuracy.build_cases(tokenizer, [160], [0.0, 1.0], [0], multikey=True, multikey_keys=2)
+    for case, r in zip(cases, by_method["dense"]):
+        assert r["decode_tokens"] == max(16, accuracy.question_tokens(tokenizer, case))
+    # a budget that covers the row answers exactly as dense, through the same split
+    outputs = {name: [r["output"] for r in rows] for name, rows in by_method.items()}
+    assert outputs["topk@1"] == outputs["dense"] and outputs["quest@1"] == outputs["dense"]
+    for name, s in result["methods"].items():
+        assert s["status"] == "ok", s["status"]
+        assert s["split"]["decode_tail"] == 16 and s["split"]["answer_decided_by"] == "decode path"
+        assert s["split"]["head"].startswith("dense (shared")
+        if name != "dense":
+            assert s["sparse_calls"] > 0 and s["fallbacks"] == 0
+    # the density of the step that decided the answer: the selection's, not the dense prefill's
+    # (at ~165 keys the 4 sinks + 16 local keys alone exceed 5%: they are always kept)
+    assert 0 < result["methods"]["quest@0.05"]["density"] < 0.25
+    assert 0 < result["methods"]["topk@0.05"]["density"] < 0.25
+    assert result["methods"]["topk@1"]["density"] == 1.0
+    table = accuracy.format_table(result)
+    assert "accuracy by density" in table and "through decode" in table
+    assert "| task | method | 0.05 | 1 |" in accuracy_report.sweep_table(result, markdown=True)
+    png = plots.plot_density_sweep(result, tmp_path / "sweep.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="sweep"):
+        plots.plot_density_sweep({**result, "config": {**cfg, "sweep": None}}, tmp_path / "x.png")
+
+
+def test_tail_through_decode_lets_a_decode_only_method_decide(tiny_llama, tokenizer) -> None:
+    """With the whole prompt prefilled densely, the first answer token is dense's whatever the method;
+    with the tail through decode the method's selection decides it."""
+    methods = {
+        "dense": None,
+        "quest": sparse_attn.Quest(tokens=8, sink_tokens=1, local_tokens=4, block_size=4),
+    }
+
+    def first_tokens(tail: int) -> dict[str, list[str]]:
+        result = accuracy.run_accuracy(
+            tiny_llama, tokenizer, methods, [160], [0.0, 0.5, 1.0], [0, 1], multikey=False,
+            perplexity=False, progress=False, max_new_tokens=1, decode_tail=tail, head_prefill="dense",
+        )  # fmt: skip
+        out: dict[str, list[str]] = {}
+        for r in result["rows"]:
+            out.setdefault(r["method"], []).append(r["output"])
+        return out
+
+    flattered = first_tokens(0)
+    assert flattered["quest"] == flattered["dense"]
+    decided = first_tokens(16)
+    assert decided["quest"] != decided["dense"]
+
+
+def test_accuracy_cli_arguments() -> None:
+    from sparse_attn import cli
+
+    args = cli.build_parser().parse_args(
+        [
+            "bench",
+            "accuracy",
+            "--methods",
+            "dense,topk,quest",
+            "--densities",
+            "0.02,0.05",
+            "--decode-tail",
+            "0",
+        ]
+    )
+    assert args.densities == [0.02, 0.05] and args.decode_tail == 0 and args.head_prefill == "method"
+    methods = cli._methods_arg(args.methods, dynamic=True)
+    assert methods["dense"] is None and methods["topk"] == sparse_attn.TopK()
+    assert cli.build_parser().parse_args(["bench", "accuracy"]).decode_tail == 64
+    for bad in (["--densities", "0"], ["--densities", "1.5"], ["--decode-tail", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["bench", "accuracy", *bad])
