@@ -69,8 +69,9 @@ def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """Plain-text summary: one line per method, then passkey accuracy per length."""
+def format_table(result: dict[str, Any], sweep: bool = True) -> str:
+    """Plain-text summary: one line per method, then passkey accuracy per length, how the prompts were
+    split and (``sweep``) the accuracy-by-density table of a density sweep."""
     header = ("method", "passkey acc", "rel. to dense", "multikey acc", "ppl", "density", "fallbacks")
     lines = [header]
     for name, s in result["methods"].items():
@@ -94,7 +95,7 @@ def format_table(result: dict[str, Any]) -> str:
         by = (s.get("passkey") or {}).get("by_length") or {}
         out.append(f"  {name}: " + "  ".join(_fmt(by.get(str(n)), ".2f") for n in lengths))
     out += split_lines(result)
-    if result["config"].get("sweep"):
+    if sweep and result["config"].get("sweep"):
         out += ["", sweep_table(result)]
     return "\n".join(out)
 

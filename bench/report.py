@@ -70,12 +70,47 @@ def _model_table(model: dict[str, Any]) -> list[str]:
     return lines
 
 
-def update_readme(readme: str | Path, result_path: str | Path) -> None:
-    """Replace the block between the bench-table markers of ``readme`` with the summary of a result."""
+def accuracy_summary(result: dict[str, Any]) -> str:
+    """An accuracy result: the run's line, its table, how prompts were split, the density sweep."""
+    from .accuracy_report import format_table, sweep_table
+
+    env, cfg = result["env"], result["config"]
+    lines = [
+        f"Measured on {env['machine']['cpu_model']} ({env['machine']['torch_threads']} threads), torch "
+        f"{env['torch']}, commit `{env['git_commit'][:12]}`, {env['timestamp_utc']}; model "
+        f"`{cfg['model']}`, {', '.join(str(n) for n in cfg['lengths'])} tokens, depths "
+        f"{', '.join(f'{d:g}' for d in cfg['depths'])} x {len(cfg['seeds'])} seeds, "
+        f"{result['wall_time_s'] / 60:.0f} minutes.",
+        "",
+        "```",
+        format_table(result, sweep=False),
+        "```",
+    ]
+    if cfg.get("sweep"):
+        lines += ["", sweep_table(result, markdown=True)]
+    return "\n".join(lines)
+
+
+def summary_of(result: dict[str, Any]) -> str:
+    """The markdown summary of any benchmark result this tool knows."""
+    kind = result.get("benchmark")
+    if kind == "accuracy":
+        return accuracy_summary(result)
+    if kind == "quest_bound":
+        from .quest_bound import format_summary
+
+        return format_summary(result)
+    return markdown_summary(result)
+
+
+def update_readme(readme: str | Path, result_path: str | Path, block: str = "bench-table") -> None:
+    """Replace the block between the ``<!-- block -->`` and ``<!-- /block -->`` markers of ``readme``
+    with the summary of a result."""
+    start, end = f"<!-- {block} -->", f"<!-- /{block} -->"
     path = Path(readme)
     text = path.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{path} needs the markers {START} and {END}")
+    if start not in text or end not in text:
+        raise ValueError(f"{path} needs the markers {start} and {end}")
     result = json.loads(Path(result_path).read_text())
-    block = f"{START}\n{markdown_summary(result)}\n\nSource: `{Path(result_path).as_posix()}`.\n{END}"
-    path.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+    body = f"{start}\n{summary_of(result)}\n\nSource: `{Path(result_path).as_posix()}`.\n{end}"
+    path.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S))

@@ -279,11 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = bench_sub.add_parser(
         "report",
-        help="print a benchmark JSON as markdown (optionally rewrite the README's results block)",
+        help="print a benchmark JSON (throughput, accuracy, quest-bound) as markdown (optionally rewrite "
+        "a README block)",
     )
     rp.add_argument("path", metavar="JSON", help="a result written by `sparse-attn bench throughput`")
     rp.add_argument(
         "--readme", default=None, metavar="README", help="replace the <!-- bench-table --> block of this file"
+    )
+    rp.add_argument(
+        "--block",
+        default="bench-table",
+        metavar="NAME",
+        help="the README block to replace, between <!-- NAME --> and <!-- /NAME --> (default bench-table)",
     )
     rp.set_defaults(handler=_cmd_bench_report)
 
@@ -435,8 +442,8 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
 
     report = _import_bench("report")
     if args.readme:
-        report.update_readme(args.readme, args.path)
-    print(report.markdown_summary(json.loads(Path(args.path).read_text())))
+        report.update_readme(args.readme, args.path, args.block)
+    print(report.summary_of(json.loads(Path(args.path).read_text())))
     return 0
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import sparse_attn
 from sparse_attn import SinkLocal
-from sparse_attn.bench import accuracy, accuracy_report, harness, perplexity, plots, prompts, scoring
+from sparse_attn.bench import accuracy, accuracy_report, harness, perplexity, plots, prompts, report, scoring
 from sparse_attn.bench.passkey import FILLER, INTRO, QUESTION, needle
 
 KEY = "71432"
@@ -479,6 +479,15 @@ def test_decode_tail_sweep_end_to_end(tiny_llama, tokenizer, tmp_path) -> None:
     table = accuracy.format_table(result)
     assert "accuracy by density" in table and "through decode" in table
     assert "| task | method | 0.05 | 1 |" in accuracy_report.sweep_table(result, markdown=True)
+    # the README block of a result, rendered by `sparse-attn bench report --block NAME`
+    path = harness.write_json(result, tmp_path / "acc.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n<!-- acc -->\nold\n<!-- /acc -->\n<!-- bench-table -->\nkeep\n<!-- /bench-table -->\n"
+    )
+    report.update_readme(readme, path, "acc")
+    text = readme.read_text()
+    assert "old" not in text and "keep" in text and "| passkey | quest |" in text and "through decode" in text
     png = plots.plot_density_sweep(result, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="sweep"):
