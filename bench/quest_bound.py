@@ -397,3 +397,42 @@ def format_summary(result: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def format_overview(result: dict[str, Any]) -> str:
+    """The summary over layers as one markdown table (a line per block size and density)."""
+    cfg = result["config"]
+    lines = [
+        f"Measured on {result['env']['machine']['cpu_model']}, torch {result['env']['torch']}, commit "
+        f"`{result['env']['git_commit'][:12]}`; `{cfg['model']}`, a {cfg['prompt_tokens']}-token passkey prompt "
+        f"(needle at tokens {cfg['needle_tokens'][0]}-{cfg['needle_tokens'][1]}), the queries of its last "
+        f"{cfg['queries']} positions, {cfg['layers']} layers. Gap and spread in standard deviations of the "
+        "query's logits; medians over layers; recall and mass: means over layers; needle: layers whose "
+        "selection (every KV head) holds a needle token at the last query.",
+        "",
+        "| block | gap: bound - true block max | spread of true block max | spearman | density | recall of best blocks by max | by mass | attention mass Quest | TopK | needle layers Quest | TopK |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for bs in cfg["block_sizes"]:
+        s = result["summary"][str(bs)]
+        for d, x in s["densities"].items():
+            lines.append(
+                f"| {bs} | {s['gap_std_median_over_layers']} | {s['spread_std_median_over_layers']} | "
+                f"{s['spearman_median_over_layers']} | {d} | {x.get('recall_max')} | {x.get('recall_mass')} | "
+                f"{x.get('mass_quest')} | {x.get('mass_topk')} | {x['layers_needle_quest']}/{cfg['layers']} | "
+                f"{x['layers_needle_topk']}/{cfg['layers']} |"
+            )
+    bands = cfg["rope_bands"]
+    lines += ["", "| RoPE band (channel pairs) | radians per 16 positions | share of the gap, block 16 | block key range / prompt key range, block 16 | share, block 8 | range, block 8 |",
+              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    s16, s8 = result["summary"].get("16"), result["summary"].get("8")
+    for b, info in enumerate(bands):
+        cells = [f"{info['pairs'][0]}-{info['pairs'][1]}", f"{info['radians_per_16_positions'][0]}-{info['radians_per_16_positions'][1]}"]  # fmt: skip
+        for s in (s16, s8):
+            cells += (
+                ["-", "-"]
+                if s is None
+                else [str(s["gap_share_by_band"][b]), str(s["range_fraction_by_band"][b])]
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -97,9 +97,9 @@ def summary_of(result: dict[str, Any]) -> str:
     if kind == "accuracy":
         return accuracy_summary(result)
     if kind == "quest_bound":
-        from .quest_bound import format_summary
+        from .quest_bound import format_overview
 
-        return format_summary(result)
+        return format_overview(result)
     return markdown_summary(result)
 
 

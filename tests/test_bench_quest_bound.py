@@ -52,3 +52,30 @@ def test_capture_returns_post_rope_queries_and_the_cache_keys() -> None:
     for layer, (q, k) in got.items():
         assert q.shape == (4, 5, 16) and k.shape == (2, 40, 16)
         torch.testing.assert_close(k, cache.layers[layer].keys[0])
+
+
+def test_run_on_a_tiny_model_and_its_reports(tmp_path) -> None:
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    from sparse_attn.bench import harness, report
+    from sparse_attn.bench.smollm2 import gguf_path
+
+    path = gguf_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg).eval()
+    result = quest_bound.run(model, tok, length=400, queries=4, densities=(0.1,))
+    assert result["config"]["prompt_tokens"] == 400 and result["config"]["layers"] == 2
+    assert set(result["summary"]) == {"16", "8"} and set(result["layers"]["1"]) == {"16", "8"}
+    start, stop = result["config"]["needle_tokens"]
+    assert 0 < start < stop < 400
+    text = quest_bound.format_summary(result)
+    assert text.count("| all |") == 2
+    json_path = harness.write_json(result, tmp_path / "qb.json")
+    overview = report.summary_of(__import__("json").loads(json_path.read_text()))
+    assert "| 16 |" in overview and "| 8 |" in overview and "RoPE band" in overview
