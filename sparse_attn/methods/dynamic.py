@@ -212,17 +212,26 @@ def top_by_score(
     count: torch.Tensor,  # int64, broadcasts to [B, H]: entries to select (forced ones included)
 ) -> torch.Tensor:
     """bool [B, H, N]: the forced entries plus the best-scoring others, ``count`` in all per row (more
-    when the forced ones exceed it). Ties go to the lower index (a stable descending sort)."""
+    when the forced ones exceed it). Ties go to the lower index (as a stable descending sort would),
+    found with a partial selection (``topk``), in O(N) rather than a full sort."""
     b, h, n = score.shape
     if n == 0:
         return torch.zeros_like(forced)
     keyed = torch.where(forced, torch.full_like(score, float("inf")), score)
-    order = torch.sort(keyed, dim=-1, descending=True, stable=True).indices  # [B, H, N]
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(n, device=score.device).expand(b, h, n))
     candidate = forced | (score > float("-inf"))
-    limit = count.to(score.device).expand(b, h)[..., None]
-    return candidate & ((rank < limit) | forced)
+    limit = count.to(score.device).expand(b, h)[..., None].clamp(0, n)  # [B, H, 1]
+    k_max = int(limit.max())
+    if k_max == 0:
+        return forced.clone()
+    # The count-th largest value t (a partial selection, not a full sort): everything above t is in,
+    # and of the entries equal to t the lowest-indexed ones fill what is left, as a stable sort would.
+    top = torch.topk(keyed, k_max, dim=-1, sorted=True).values
+    t = top.gather(-1, (limit - 1).clamp(min=0))  # [B, H, 1]
+    above = keyed > t
+    tied = keyed == t
+    room = limit - above.sum(-1, keepdim=True)
+    take = above | (tied & (torch.cumsum(tied, dim=-1) <= room))
+    return candidate & ((take & (limit > 0)) | forced)
 
 
 def mask_to_selection(mask: torch.Tensor) -> TokenSelection:
