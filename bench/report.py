@@ -41,6 +41,19 @@ def markdown_summary(result: dict[str, Any]) -> str:
             f"| {_cell(r['density'], '.3f')} | {_cell(p50, '.2f')} | {_cell(r['speedup_vs_dense'], '.2f')} "
             f"| {_cell(r.get('peak_extra_mem_ratio'), '.2f')} |"
         )
+    parts = [r for r in result["rows"] if r.get("breakdown_ms") and r["status"] == "ok"]
+    if parts:
+        lines += [
+            "",
+            "Where a content-based decode step's time goes (median ms of each part, timed on its own):",
+            "",
+        ]
+        lines += [
+            f"- {r['method']} at {r['length']}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown_ms"].items())
+            + f" (whole step {r['time_ms']['p50']:.2f})"
+            for r in parts
+        ]
     lines += ["", "| goal | threshold | worst row | met |", "|---|---:|---:|---|"]
     for g in result["goals"].values():
         met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]

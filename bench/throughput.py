@@ -17,7 +17,9 @@ per run on a 2-core CPU. Two modes:
   for the step's new key — the last block's min/max — then ``sparse_attention(..., side=...)``:
   block bounds, top blocks, the selected keys, ``token_sparse_attention``). Quest's timed steps are
   consecutive decode steps, each one key longer (a store only extends by the keys it has not seen):
-  the store is built for the first ``N - steps`` keys outside the timing, and the steps end at N.
+  the store is built for the first ``N - steps`` keys outside the timing; after the timed steps,
+  ``BREAKDOWN_STEPS`` more time the store update, the selection and the attention one by one
+  (``breakdown_ms``), ending at N. TopK's row has the same breakdown (selection, attention).
 
 Before any method is timed it must pass a correctness self-check on a small shape (its kernel
 output against the float64 dense reference with ``method.mask()``); a method that fails is reported
@@ -66,6 +68,7 @@ GOAL_PREFILL = {"length": 16384, "target_density": 0.10, "min_speedup": 5.0}
 GOAL_DECODE = {"length": 65536, "target_density": DECODE_FRACTION, "min_speedup": 8.0}
 GOAL_MEMORY = {"length": 32768, "max_ratio": 2.0}
 DYNAMIC_DENSITY = 0.05
+BREAKDOWN_STEPS = 10  # decode steps whose parts are timed one by one (rows' breakdown_ms)
 GOAL_QUEST = {"length": 65536, "target_density": DYNAMIC_DENSITY, "min_speedup": 4.0}
 
 ROW_FIELDS = (
@@ -682,10 +685,19 @@ def _bench_decode_dynamic(
             elif name == "topk":
                 row["density"] = round(float(sa.select(method, q, k).density([n])), 5)
                 runner.measure(row, lambda method=method: sa.sparse_attention(q, k, v, method), qkv_bytes)
+                sel = sa.select(method, q, k)
+                row["breakdown_ms"] = _breakdown(
+                    {
+                        "select (exact scores + top-k)": lambda method=method: sa.select(method, q, k),
+                        "token_sparse_attention": lambda sel=sel: sa.token_sparse_attention(q, k, v, sel),
+                    },
+                    runner,
+                )
             else:
                 # k and v are the cache at its capacity N, right-padded: a step's row holds ``length``
                 # keys (kv_lens), as in a static or paged cache; the store only extends
-                steps = runner.repeats + 1  # the untimed memory-probe call, then the timed ones
+                # the untimed memory-probe call, the timed ones, then the breakdown's steps
+                steps = runner.repeats + 1 + BREAKDOWN_STEPS
                 start = n - steps
                 store = ContiguousSideStore(method)
                 tp = time.perf_counter()
@@ -701,6 +713,24 @@ def _bench_decode_dynamic(
 
                 runner.measure(row, step, qkv_bytes)
                 row["kv_lens_timed"] = [start + 1, state["len"]]
+                # where a step's time goes: the same steps, each part timed on its own
+                parts: dict[str, list[float]] = {"side-data store update": [], "select (bounds + top blocks)": [],
+                                                 "token_sparse_attention": []}  # fmt: skip
+                for _ in range(min(BREAKDOWN_STEPS, n - state["len"])):
+                    length = state["len"] = state["len"] + 1
+                    lens = torch.tensor([length])
+                    ta = time.perf_counter()
+                    side = store.update(k, lens, new_tokens=1)
+                    tb = time.perf_counter()
+                    sel = sa.select(method, q, k, side=side, kv_lens=lens)
+                    tc = time.perf_counter()
+                    sa.token_sparse_attention(q, k, v, sel, kv_lens=lens)
+                    td = time.perf_counter()
+                    for key, dt in zip(parts, (tb - ta, tc - tb, td - tc)):
+                        parts[key].append(dt * 1e3)
+                row["breakdown_ms"] = {
+                    key: round(harness.percentile(x, 50), 3) for key, x in parts.items() if x
+                }
                 row["side_rebuilds_while_timed"] = store.rebuilds - 1
                 lens = torch.tensor([state["len"]])
                 sel = sa.select(method, q, k, side=state["side"], kv_lens=lens)
@@ -710,6 +740,15 @@ def _bench_decode_dynamic(
         rows.append(row)
         runner.done(row, t0)
     return rows
+
+
+def _breakdown(parts: dict[str, Callable[[], Any]], runner: _Runner) -> dict[str, float]:
+    """Median ms of each part of a step, timed on its own (``BREAKDOWN_STEPS`` runs each)."""
+    out = {}
+    for key, fn in parts.items():
+        timing = harness.time_callable(fn, warmup=1, repeats=BREAKDOWN_STEPS if not runner.quick else 1)
+        out[key] = round(timing.p50, 3)
+    return out
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:

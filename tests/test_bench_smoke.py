@@ -119,7 +119,14 @@ def test_decode_only_times_the_dynamic_methods_with_their_selection(tmp_path):
     quest = dyn["quest"]
     assert quest["check"]["checks"]["side_store_steps_equal_full_build"]["ok"]
     # consecutive decode steps ending at the cache length, the store only extended
-    assert quest["kv_lens_timed"][1] == 512 and quest["side_rebuilds_while_timed"] == 0
+    steps = _bench_module("throughput").BREAKDOWN_STEPS
+    assert quest["kv_lens_timed"][1] == 512 - steps and quest["side_rebuilds_while_timed"] == 0
+    assert set(quest["breakdown_ms"]) == {
+        "side-data store update",
+        "select (bounds + top blocks)",
+        "token_sparse_attention",
+    }
+    assert all(x > 0 for r in dyn.values() for x in r["breakdown_ms"].values())
     goal = doc["goals"]["quest_decode_64k_5pct_speedup"]
     assert goal["met"] is None and goal["threshold"] == 4.0
 
