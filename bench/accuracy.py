@@ -102,20 +102,25 @@ def build_cases(
     seeds: Sequence[int],
     multikey: bool,
     multikey_keys: int = DEFAULT_MULTIKEY_KEYS,
+    with_passkey: bool = True,
 ) -> list[Case]:
-    """The passkey grid and, when ``multikey``, one multi-key prompt per length x seed x asked key.
+    """The passkey grid (unless ``with_passkey`` is False) and, when ``multikey``, one multi-key
+    prompt per length x seed x asked key.
 
     Everything is drawn from ``random.Random(seed)``: the passkeys in length x depth order, then one
     seed per length for the multi-key prompts (so their keys are not the passkeys again). The
-    passkeys do not depend on ``multikey`` or ``multikey_keys``.
+    passkeys do not depend on ``multikey`` or ``multikey_keys``, and the multi-key prompts not on
+    ``with_passkey`` (the passkeys are drawn either way).
     """
     passkey, multi = [], []
     for seed in seeds:
         rng = random.Random(seed)
         for length in lengths:
             for depth in depths:
-                prompt = passkey_prompt_tokens(tokenizer, random_key(rng), length, depth)
-                passkey.append(Case("passkey", length, depth, seed, prompt))
+                key = random_key(rng)
+                if with_passkey:
+                    prompt = passkey_prompt_tokens(tokenizer, key, length, depth)
+                    passkey.append(Case("passkey", length, depth, seed, prompt))
         for length in lengths:
             sub_seed = rng.getrandbits(32)
             for q in range(multikey_keys if multikey else 0):
@@ -432,6 +437,7 @@ def run_accuracy(
     multikey_keys: int = DEFAULT_MULTIKEY_KEYS,
     decode_tail: int = 0,
     head_prefill: str = "method",
+    passkey: bool = True,
 ) -> dict[str, Any]:
     """Run every method of ``methods`` ({name: method, preset, config or None}; None is the unpatched
     model, added as "dense" when absent because every ratio needs it) over the same prompts.
@@ -471,7 +477,9 @@ def run_accuracy(
         raise ValueError("model is already patched with sparse_attn: unpatch it before run_accuracy")
     t0 = time.perf_counter()
     env = harness.environment()
-    cases = build_cases(tokenizer, lengths, depths, seeds, multikey, multikey_keys)
+    if not passkey and not multikey:
+        raise ValueError("nothing to run: passkey and multikey are both off")
+    cases = build_cases(tokenizer, lengths, depths, seeds, multikey, multikey_keys, with_passkey=passkey)
     ppl_ids, source = None, None
     if perplexity:
         text, source = load_text(text_path)
@@ -533,14 +541,16 @@ def run_accuracy(
     ref = summaries[next(iter(methods))]["rows"]
     for s in summaries.values():
         own = s.pop("rows")
-        passkey = [r for r in own if r["task"] == "passkey"]
+        pk_rows = [r for r in own if r["task"] == "passkey"]
         multi = [r for r in own if r["task"] == "multikey"]
         ok = s["status"] == "ok"
         s["passkey"] = (
-            task_summary(passkey, [r for r in ref if r["task"] == "passkey"], lengths) if ok else None
+            task_summary(pk_rows, [r for r in ref if r["task"] == "passkey"], lengths)
+            if ok and passkey
+            else None
         )
         if s["passkey"] is not None:
-            s["passkey"]["grid"] = passkey_grid(passkey, lengths, depths)
+            s["passkey"]["grid"] = passkey_grid(pk_rows, lengths, depths)
         s["multikey"] = (
             task_summary(multi, [r for r in ref if r["task"] == "multikey"], lengths)
             if ok and multikey
@@ -562,6 +572,7 @@ def run_accuracy(
             "depths": depths,
             "seeds": seeds,
             "max_new_tokens": max_new_tokens,
+            "passkey": {"enabled": passkey},
             "multikey": {"enabled": multikey, "keys": multikey_keys},
             "perplexity": {
                 "enabled": perplexity,

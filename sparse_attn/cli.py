@@ -250,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         "for each other at every small decode op",
     )
     ap.add_argument("--no-multikey", action="store_true", help="skip multi-key retrieval")
+    ap.add_argument(
+        "--no-passkey",
+        action="store_true",
+        help="skip the passkey grid (multi-key retrieval only; its prompts stay those of a full run)",
+    )
     ap.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
     ap.add_argument(
         "--out", default="sparse-attn-accuracy", metavar="DIR", help="where to write JSON and PNGs"
@@ -359,10 +364,12 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
         ppl_windows=args.ppl_windows,
         decode_tail=args.decode_tail,
         head_prefill=args.head_prefill,
+        passkey=not args.no_passkey,
     )
     out = Path(args.out)
     path = _import_bench("harness").write_json(result, out / "accuracy.json")
-    plots.plot_needle_heatmap(result, out / "needle-heatmap.png")
+    if not args.no_passkey:
+        plots.plot_needle_heatmap(result, out / "needle-heatmap.png")
     if not args.no_perplexity:
         plots.plot_perplexity(result, out / "perplexity.png")
     if result["config"].get("sweep"):

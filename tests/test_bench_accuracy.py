@@ -540,3 +540,21 @@ def test_accuracy_cli_arguments() -> None:
     for bad in (["--densities", "0"], ["--densities", "1.5"], ["--decode-tail", "-1"]):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["bench", "accuracy", *bad])
+
+
+def test_multikey_only_run_asks_the_prompts_of_a_full_run(tiny_llama, tokenizer) -> None:
+    full = accuracy.build_cases(tokenizer, [160], [0.0, 1.0], [0, 1], multikey=True, multikey_keys=2)
+    only = accuracy.build_cases(
+        tokenizer, [160], [0.0, 1.0], [0, 1], multikey=True, multikey_keys=2, with_passkey=False
+    )
+    assert [c.prompt.text for c in only] == [c.prompt.text for c in full if c.task == "multikey"]
+    result = accuracy.run_accuracy(
+        tiny_llama, tokenizer, {"dense": None, "quest@0.1": sparse_attn.Quest(density=0.1)}, [160], [0.5], [0],
+        perplexity=False, progress=False, max_new_tokens=2, multikey_keys=2, decode_tail=16, passkey=False,
+    )  # fmt: skip
+    assert {r["task"] for r in result["rows"]} == {"multikey"} and len(result["rows"]) == 4
+    assert result["methods"]["quest@0.1"]["passkey"] is None
+    assert result["methods"]["quest@0.1"]["multikey"]["total"] == 2
+    assert "multikey" in accuracy.format_table(result)
+    with pytest.raises(ValueError, match="nothing to run"):
+        accuracy.run_accuracy(tiny_llama, tokenizer, {"d": None}, [160], [0.5], multikey=False, passkey=False)
