@@ -78,11 +78,15 @@ class Quest(DynamicMethod):
         dev = q.device
         bounds = block_bounds(q, side[:, :, :nb], scale, backend)  # [B, Hkv, G*Sq, nb]
         blk = torch.arange(nb, device=dev)
-        block_ok = blk[None, :] * bs < kvl.to(dev)[:, None]  # [B, nb]
         sq = q.shape[2]
-        row_ok = torch.arange(sq, device=dev).repeat(bounds.shape[2] // max(sq, 1))[None, :] < q_lens.to(dev)[:, None]
-        ok = block_ok[:, None, None, :] & row_ok[:, None, :, None]
-        score = group_log_mass(bounds.masked_fill(~ok, float("-inf")))  # [B, Hkv, nb]
+        if bool((kvl > (nb - 1) * bs).all()) and bool((q_lens.to("cpu") >= sq).all()):
+            score = group_log_mass(bounds)  # [B, Hkv, nb]: every block and query row is real
+        else:
+            block_ok = blk[None, :] * bs < kvl.to(dev)[:, None]  # [B, nb]
+            rows = torch.arange(sq, device=dev).repeat(bounds.shape[2] // max(sq, 1))
+            row_ok = rows[None, :] < q_lens.to(dev)[:, None]
+            ok = block_ok[:, None, None, :] & row_ok[:, None, :, None]
+            score = group_log_mass(bounds.masked_fill(~ok, float("-inf")))
 
         # The always-kept keys are two ranges per row: [0, s) (sinks) and [t, kv_len) (the local window
         # and the current block). Everything below works on blocks and on the selected keys only
@@ -159,6 +163,7 @@ def block_bounds(q: torch.Tensor, side: torch.Tensor, scale: float, backend: str
     # max(q*lo, q*hi) = q*lo where q < 0, q*hi where q >= 0 (lo <= hi): one matmul of [min(q, 0), max(q, 0)]
     # against each block's (min, max) row as stored, [B, Hkv, nb, 2D], without copying the side data
     q2 = torch.cat((qg.clamp(max=0), qg.clamp(min=0)), dim=-1)  # [B, Hkv, G*Sq, 2D]
-    # blocks as the rows of the product: it reads the side data row by row (twice as fast on CPU)
-    bound = torch.matmul(side.flatten(-2).to(acc), q2.transpose(-1, -2)).transpose(-1, -2)
+    # blocks as the rows of the product: it reads the side data row by row (twice as fast on CPU);
+    # the result is made contiguous again, so the softmax over blocks that follows runs on rows
+    bound = torch.matmul(side.flatten(-2).to(acc), q2.transpose(-1, -2)).transpose(-1, -2).contiguous()
     return bound * scale
