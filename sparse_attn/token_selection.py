@@ -60,6 +60,15 @@ class TokenSelection:
             object.__setattr__(self, "_valid_for", key)
         return self
 
+    def built_for(self, kv_lens: torch.Tensor) -> TokenSelection:
+        """Mark a selection its builder made well formed by construction (indices ascending and in
+        [0, kv_len) for these host ``kv_lens``): running it skips ``validate``'s host checks, as a
+        selection that passed them does. For the selectors of the dynamic methods; returns self."""
+        key = _lengths_key(kv_lens)
+        if key is not None:
+            object.__setattr__(self, "_valid_for", key)
+        return self
+
     def _check(self, kv_lens: int | torch.Tensor) -> None:
         for name, t, dim in (("indices", self.indices, 3), ("counts", self.counts, 2)):
             if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):

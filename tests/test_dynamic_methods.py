@@ -311,3 +311,14 @@ def test_measured_density_follows_the_budget() -> None:
         assert 0.03 <= sel.density(torch.tensor([2000, 1500])) <= 0.06, method
     budget = math.ceil(0.05 * 2000)
     assert int(sa.select(sa.TopK(density=0.05), q, k, kv_lens=[2000, 1500]).counts[0, 0]) == budget
+
+
+def test_selections_are_trusted_only_for_the_lengths_they_were_built_for() -> None:
+    """A selector's output skips the host checks for its own lengths, and only for those."""
+    q, k, _ = make_qkv(2, 4, 2, 1, 90, 16, kv_lens=(90, 60))
+    for method in (sa.TopK(tokens=20), sa.Quest(tokens=40, block_size=8)):
+        sel = sa.select(method, q, k, kv_lens=[90, 60])
+        assert sel.__dict__.get("_valid_for") == (90, 60)
+        sel._check(torch.tensor([90, 60]))  # and it really is well formed
+        with pytest.raises(sa.LayoutError, match="kv_len"):
+            sel.validate(torch.tensor([90, 30]))  # other lengths: checked again

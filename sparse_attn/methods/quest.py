@@ -123,7 +123,7 @@ class Quest(DynamicMethod):
         width = packed.indices.shape[-1]
         indices = tok.gather(-1, packed.indices)
         indices = torch.where(torch.arange(width, device=dev) < counts[..., None], indices, 0)
-        return TokenSelection(indices, counts)
+        return TokenSelection(indices, counts).built_for(kvl)
 
 
 def block_min_max(keys: torch.Tensor, block: int, kv_lens: torch.Tensor | None = None) -> torch.Tensor:

@@ -76,7 +76,7 @@ class TopK(DynamicMethod):
         b, hkv, n = score.shape
         forced = always_kept(kv_lens, n, self.sink_tokens, self.local_tokens, score.device)
         chosen = top_by_score(score, forced[:, None].expand(b, hkv, n), self.budget(kv_lens)[:, None])
-        return mask_to_selection(chosen)
+        return mask_to_selection(chosen).built_for(kv_lens.to("cpu", torch.int64))
 
     # prefill -----------------------------------------------------------------------------------------
     def select_prefill(
