@@ -135,7 +135,10 @@ class ContiguousSideStore:
             gen = torch.Generator().manual_seed(self.seed)
             self._projection = torch.randn(keys.shape[1], keys.shape[3], generator=gen)
         proj = self._projection.to(keys.device)
-        return torch.einsum("bhnd,hd->bn", keys.to(torch.float32), proj)
+        if keys.shape[2] > 256:  # a rebuild: no temporary the size of K
+            return torch.einsum("bhnd,hd->bn", keys.to(torch.float32), proj)
+        # a step's few keys: two small ops instead of einsum's reshapes (the per-step cost)
+        return (keys.to(torch.float32) * proj[None, :, None, :]).sum(dim=(1, 3))
 
     def _row_sources(self, k: torch.Tensor) -> torch.Tensor | None:
         """For every row of k, the stored row whose covered keys it still holds (itself when nothing
