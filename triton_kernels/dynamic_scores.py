@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_decode import IntsLike, _capturing, _interpreting, _lengths, _next_pow2
+from .sparse_decode import IntsLike, _capturing, _check_device, _interpreting, _lengths, _next_pow2
 
 __all__ = ["MAX_HEAD_DIM", "quest_bounds", "quest_bounds_fwd_kernel", "topk_scores", "topk_scores_fwd_kernel"]
 
@@ -270,21 +270,6 @@ def _check_tensor(name: str, t: object, dims: int, what: str) -> torch.Tensor:
     return t
 
 
-def _check_device(q: torch.Tensor, named: dict[str, torch.Tensor | None]) -> None:
-    dev = q.device
-    if dev.type == "cpu":
-        if not _interpreting():
-            raise ValueError(
-                "the Triton scoring kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-                "got CPU tensors"
-            )
-    elif dev.type != "cuda":
-        raise ValueError(f"the Triton scoring kernels need CUDA tensors, got a {dev.type} tensor")
-    for name, t in named.items():
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name} is on {t.device}, q on {dev}")
-
-
 def _check_dtype(q: torch.Tensor, name: str, t: torch.Tensor) -> None:
     if q.dtype not in _DTYPES:
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
@@ -367,7 +352,7 @@ def topk_scores(
     q = _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
     k = _check_tensor("k", k, 4, "[B, Hkv, Skv, D] or [num_pages, page_size, Hkv, D]")
     _check_dtype(q, "k", k)
-    _check_device(q, {"k": k, "block_table": block_table, "out": out})
+    _check_device(q, {"k": k, "block_table": block_table, "out": out}, "scoring")
     B, HQ, SQ, D = q.shape
     paged = block_table is not None
     if paged:
@@ -474,7 +459,7 @@ def quest_bounds(
     q = _check_tensor("q", q, 4, "[B, Hq, Sq, D]")
     side = _check_tensor("side", side, 5, "[B, Hkv, nb, 2, D]")
     _check_dtype(q, "side", side)
-    _check_device(q, {"side": side, "out": out})
+    _check_device(q, {"side": side, "out": out}, "scoring")
     B, HQ, SQ, D = q.shape
     if side.shape[0] != B or side.shape[3] != 2 or side.shape[4] != D:
         raise ValueError(f"side must be [B={B}, Hkv, nb, 2, D={D}], got {tuple(side.shape)}")

@@ -386,16 +386,16 @@ def _lengths(name: str, x: IntsLike, batch: int, default: int, device: torch.dev
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
-def _check_device(q: torch.Tensor, named: dict[str, torch.Tensor | None]) -> None:
+def _check_device(q: torch.Tensor, named: dict[str, torch.Tensor | None], kernels: str = "decode") -> None:
     dev = q.device
     if dev.type == "cpu":
         if not _interpreting():
             raise ValueError(
-                "the Triton decode kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                f"the Triton {kernels} kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                 "got CPU tensors"
             )
     elif dev.type != "cuda":
-        raise ValueError(f"the Triton decode kernels need CUDA tensors, got a {dev.type} tensor")
+        raise ValueError(f"the Triton {kernels} kernels need CUDA tensors, got a {dev.type} tensor")
     for name, t in named.items():
         if t is not None and t.device != dev:
             raise ValueError(f"{name} is on {t.device}, q on {dev}")
