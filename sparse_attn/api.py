@@ -165,7 +165,10 @@ def sparse_attention(
     if dynamic is not None:
         plan = _select(dynamic, q, k, shape, ql, kvl, causal, sc, side, chosen)
         if isinstance(plan, TokenSelection):
-            return _run_selection(q, k, v, plan, ql, kvl, causal, sc, return_lse, chosen)
+            # q, k, v and the lengths were checked above; a selector's output is valid by construction
+            # (``built_for``), so this is a lookup, not a device-to-host check
+            plan.validate(kvl)
+            return _token_attention(q, k, v, plan, sc, return_lse, causal, ql, kvl, chosen)
         layout = plan
     else:
         if side is not None:
@@ -204,7 +207,9 @@ def select(
             f"select needs a dynamic method (TopK, Quest, ...) for layer {layer_idx}, got {method!r}; "
             "static methods plan from lengths: method.plan(q_lens, kv_lens, num_heads, num_kv_heads)"
         )
-    return _select(dynamic, q, k, shape, ql, kvl, causal, sc, side, select_backend(backend, q.device, q.dtype))
+    return _select(
+        dynamic, q, k, shape, ql, kvl, causal, sc, side, select_backend(backend, q.device, q.dtype)
+    )
 
 
 def _select(
@@ -233,24 +238,6 @@ def _select(
     if layout is None and method.prefill is not None:
         layout = method.prefill.plan(ql, kvl, shape.num_heads, shape.num_kv_heads, causal=causal)
     return layout
-
-
-def _run_selection(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: TokenSelection,
-    ql: torch.Tensor,
-    kvl: torch.Tensor,
-    causal: bool,
-    scale: float,
-    return_lse: bool,
-    backend: str,
-) -> Result:
-    return token_sparse_attention(
-        q, k, v, selection, scale=scale, return_lse=return_lse, causal=causal, q_lens=ql, kv_lens=kvl,
-        backend=backend,
-    )
 
 
 def block_sparse_attention(
@@ -310,7 +297,23 @@ def token_sparse_attention(
     selection.validate(kvl)
     if selection.indices.device != q.device and selection.indices.device.type != "cpu":
         raise LayoutError(f"selection is on {selection.indices.device}, q on {q.device}")
-    if select_backend(backend, q.device, q.dtype) == "triton":
+    chosen = select_backend(backend, q.device, q.dtype)
+    return _token_attention(q, k, v, selection, sc, return_lse, causal, ql, kvl, chosen)
+
+
+def _token_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: TokenSelection,
+    sc: float,
+    return_lse: bool,
+    causal: bool,
+    ql: torch.Tensor,
+    kvl: torch.Tensor,
+    backend: str,
+) -> Result:
+    if backend == "triton":
         out, lse = _triton("sparse_decode").token_decode(
             q,
             k,

@@ -38,12 +38,21 @@ def compute_side_data(method: DynamicMethod, k: torch.Tensor, kv_lens: torch.Ten
 
 
 def _side_for(
-    method: DynamicMethod, spec: SideSpec, k: torch.Tensor, kv_lens: torch.Tensor, start: int, stop: int
+    method: DynamicMethod,
+    spec: SideSpec,
+    k: torch.Tensor,
+    kv_lens: torch.Tensor,
+    start: int,
+    stop: int,
+    full_rows: bool = False,
 ) -> torch.Tensor:
-    """Side data of the units covering key positions [start, stop) (start on a unit boundary)."""
+    """Side data of the units covering key positions [start, stop) (start on a unit boundary);
+    ``full_rows``: every row holds every key of the range (no padding to leave out)."""
     bs = spec.block_size
-    stop_pad = -(-stop // bs) * bs
     keys = k[:, :, start:stop]
+    if full_rows:
+        return method.compute_side(keys).to(spec.dtype_for(k.dtype))
+    stop_pad = -(-stop // bs) * bs
     if stop_pad > stop:
         pad = keys.new_zeros(*keys.shape[:2], stop_pad - stop, keys.shape[-1])
         keys = torch.cat((keys, pad), dim=2)
@@ -81,9 +90,9 @@ class ContiguousSideStore:
         self.updates = 0
         self.reorders = 0
         self._side: torch.Tensor | None = None
-        self._lens: torch.Tensor | None = None  # [B] host: keys covered per row
+        self._lens: list[int] | None = None  # keys covered per row
         self._fingerprints: torch.Tensor | None = None  # [B, capacity] float32
-        self._since: torch.Tensor | None = None  # [B] host: keys below this came from a rebuild
+        self._since: list[int] | None = None  # per row: keys below this came from a rebuild
         self._signature: tuple[object, ...] | None = None
         self._projection: torch.Tensor | None = None
         self._rng = torch.Generator().manual_seed(seed)
@@ -102,7 +111,7 @@ class ContiguousSideStore:
         spec = self.method.side_spec(k.shape[-1])
         if spec is None:
             return None
-        kvl = kv_lens.to("cpu", torch.int64)
+        kvl = [int(n) for n in kv_lens.tolist()]
         if self._can_extend(k, kvl, new_tokens):
             self._extend(spec, k, kvl)
             self.updates += 1
@@ -113,34 +122,36 @@ class ContiguousSideStore:
         return self._side[:, :, : spec.units(k.shape[2])]
 
     # internals ---------------------------------------------------------------------------------------
+    # A decode step runs this once per layer: lengths stay Python ints, and the common case (rows of
+    # one length, nothing moved) costs a handful of small ops.
     def _sig(self, k: torch.Tensor) -> tuple[object, ...]:
         return (k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
 
-    def _can_extend(self, k: torch.Tensor, kvl: torch.Tensor, new_tokens: int) -> bool:
+    def _can_extend(self, k: torch.Tensor, kvl: list[int], new_tokens: int) -> bool:
         if self._side is None or self._signature != self._sig(k) or new_tokens <= 0:
             return False
-        assert self._lens is not None and self._fingerprints is not None and self._since is not None
-        if not torch.equal(kvl - new_tokens, self._lens):
+        assert self._lens is not None
+        if [n - new_tokens for n in kvl] != self._lens:
             return False
         sources = self._row_sources(k)
         if sources is None:
             return False
-        if not torch.equal(sources, torch.arange(len(sources))):
+        if sources != list(range(len(sources))):
             self._take_rows(sources)
         return True
 
     def _fingerprint(self, keys: torch.Tensor) -> torch.Tensor:
         """One float32 per key: keys [B, Hkv, n, D] -> [B, n]."""
-        if self._projection is None or self._projection.shape != (keys.shape[1], keys.shape[3]):
+        proj = self._projection
+        if proj is None or proj.shape != (keys.shape[1], keys.shape[3]) or proj.device != keys.device:
             gen = torch.Generator().manual_seed(self.seed)
-            self._projection = torch.randn(keys.shape[1], keys.shape[3], generator=gen)
-        proj = self._projection.to(keys.device)
+            proj = self._projection = torch.randn(keys.shape[1], keys.shape[3], generator=gen).to(keys.device)
         if keys.shape[2] > 256:  # a rebuild: no temporary the size of K
             return torch.einsum("bhnd,hd->bn", keys.to(torch.float32), proj)
         # a step's few keys: two small ops instead of einsum's reshapes (the per-step cost)
         return (keys.to(torch.float32) * proj[None, :, None, :]).sum(dim=(1, 3))
 
-    def _row_sources(self, k: torch.Tensor) -> torch.Tensor | None:
+    def _row_sources(self, k: torch.Tensor) -> list[int] | None:
         """For every row of k, the stored row whose covered keys it still holds (itself when nothing
         moved; another row after a beam-search reorder), or None when some row matches none.
 
@@ -149,60 +160,72 @@ class ContiguousSideStore:
         last rebuild and ``PROBES`` random older ones."""
         assert self._lens is not None and self._fingerprints is not None and self._since is not None
         fps = self._fingerprints
-        sources = torch.arange(k.shape[0])
+        sources = list(range(k.shape[0]))
         groups: dict[tuple[int, int], list[int]] = {}
-        for row, key in enumerate(zip(self._lens.tolist(), self._since.tolist())):
+        for row, key in enumerate(zip(self._lens, self._since)):
             groups.setdefault(key, []).append(row)
         for (n, since), members in groups.items():
-            recent = torch.arange(since, n)
-            probes = torch.randint(0, since, (PROBES,), generator=self._rng) if since else recent[:0]
-            cols = torch.cat((recent, probes))
+            cols = torch.arange(since, n)
+            if since:
+                cols = torch.cat((cols, torch.randint(0, since, (PROBES,), generator=self._rng)))
             if cols.numel() == 0:
                 continue
-            rows = torch.tensor(members)
-            keys = k[rows.to(k.device)[:, None], :, cols.to(k.device)[None, :]]  # [g, W, Hkv, D]
-            now = self._fingerprint(keys.transpose(1, 2)).to(fps.device)  # [g, W]
-            before = fps[rows.to(fps.device)[:, None], cols.to(fps.device)[None, :]]  # [g, W]
-            match = _close(now[:, None], before[None]).all(-1)  # [new row, stored row] of the group
-            if bool(match.diagonal().all()):
+            cols = cols.to(k.device)
+            if len(members) == k.shape[0]:  # one group: all rows (a batch of one length)
+                keys, before = k.index_select(2, cols), fps.index_select(1, cols.to(fps.device))
+            else:
+                rows = torch.tensor(members, device=k.device)
+                keys = k.index_select(0, rows).index_select(2, cols)  # [g, Hkv, W, D]
+                before = fps.index_select(0, rows.to(fps.device)).index_select(1, cols.to(fps.device))
+            now = self._fingerprint(keys).to(fps.device)  # [g, W]
+            if bool(_close(now, before).all()):  # nothing moved
                 continue
+            if len(members) == 1:
+                return None
+            match = _close(now[:, None], before[None]).all(-1)  # [new row, stored row] of the group
             if not bool(match.any(-1).all()):
                 return None
-            sources[rows] = rows[match.to(torch.int8).argmax(-1).cpu()]  # first matching stored row
+            first = match.to(torch.int8).argmax(-1).tolist()  # first matching stored row
+            for row, src in zip(members, first):
+                sources[row] = members[src]
         return sources
 
-    def _take_rows(self, sources: torch.Tensor) -> None:
+    def _take_rows(self, sources: list[int]) -> None:
         """Reorder the stored rows (beam search moved the cache's rows)."""
         assert self._side is not None and self._fingerprints is not None
-        self._side = self._side.index_select(0, sources.to(self._side.device))
-        self._fingerprints = self._fingerprints.index_select(0, sources.to(self._fingerprints.device))
+        self._side = self._side.index_select(0, torch.tensor(sources, device=self._side.device))
+        self._fingerprints = self._fingerprints.index_select(
+            0, torch.tensor(sources, device=self._fingerprints.device)
+        )
         self.reorders += 1
 
-    def _rebuild(self, spec: SideSpec, k: torch.Tensor, kvl: torch.Tensor) -> None:
-        self._side = _side_for(self.method, spec, k, kvl.to(k.device), 0, k.shape[2])
+    def _rebuild(self, spec: SideSpec, k: torch.Tensor, kvl: list[int]) -> None:
+        lens = torch.tensor(kvl, device=k.device)
+        self._side = _side_for(self.method, spec, k, lens, 0, k.shape[2])
         self._fingerprints = self._fingerprint(k)
-        self._lens = kvl.clone()
-        self._since = kvl.clone()
+        self._lens = list(kvl)
+        self._since = list(kvl)
         self._signature = self._sig(k)
 
-    def _extend(self, spec: SideSpec, k: torch.Tensor, kvl: torch.Tensor) -> None:
+    def _extend(self, spec: SideSpec, k: torch.Tensor, kvl: list[int]) -> None:
         assert self._side is not None and self._lens is not None and self._fingerprints is not None
         bs = spec.block_size
-        start = int(self._lens.min()) // bs * bs  # first unit any row touches
-        stop = k.shape[2]
-        fresh = _side_for(self.method, spec, k, kvl.to(k.device), start, stop)
-        units = spec.units(stop)
+        old = min(self._lens)
+        start = old // bs * bs  # first unit any row touches
+        stop = max(kvl)  # positions past every row's keys (a preallocated cache's tail) stay as they are
+        full_rows = min(kvl) >= stop
+        lens = None if full_rows else torch.tensor(kvl, device=k.device)
+        fresh = _side_for(self.method, spec, k, lens, start, stop, full_rows)  # type: ignore[arg-type]
         first = start // bs
-        self._side = _with_capacity(self._side, 2, units)
-        self._side[:, :, first:units] = fresh
-        old = int(self._lens.min())
-        self._fingerprints = _with_capacity(self._fingerprints, 1, stop)
+        self._side = _with_capacity(self._side, 2, spec.units(k.shape[2]))
+        self._side[:, :, first : first + fresh.shape[2]] = fresh
+        self._fingerprints = _with_capacity(self._fingerprints, 1, k.shape[2])
         self._fingerprints[:, old:stop] = self._fingerprint(k[:, :, old:stop])
-        self._lens = kvl.clone()
+        self._lens = list(kvl)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).abs() <= FINGERPRINT_RTOL * (a.abs() + b.abs() + 1.0)
+    return torch.isclose(a, b, rtol=FINGERPRINT_RTOL, atol=FINGERPRINT_RTOL)
 
 
 def _with_capacity(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

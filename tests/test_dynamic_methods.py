@@ -95,6 +95,33 @@ def test_quest_decode_selection_is_brute_force(B, Hq, Hkv, Skv, D, kv_lens, budg
     _assert_output_is_reference_over_selection(q, k, v, method, sel, kv_lens)
 
 
+@pytest.mark.parametrize("kv_lens", [(200,), (200, 131)], ids=["B1", "B2-pad"])
+def test_quest_ties_go_to_the_lower_block(kv_lens) -> None:
+    # every block holds the same keys: all bounds tie, and the lowest candidate blocks win
+    block, B = 8, len(kv_lens)
+    q, k, v = make_qkv(B, 4, 2, 1, 200, 64, kv_lens=kv_lens, seed=5)
+    k = k[:, :, :block].repeat(1, 1, 200 // block, 1).contiguous()
+    method = sa.Quest(tokens=60, sink_tokens=3, local_tokens=5, block_size=block)
+    sel = sa.select(method, q, k, kv_lens=list(kv_lens))
+    expected = bfd.quest_decode(q, k, [1] * B, kv_lens, 64**-0.5, None, 60, 3, 5, block)
+    _assert_selection(sel, expected)
+    assert set(range(3 + 5 * block)) <= expected[0][0]  # the tie rule picked blocks 0..4
+
+
+@given(
+    n=st.integers(1, 70),
+    d=st.sampled_from([2, 8]),
+    block=st.sampled_from([1, 4, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_block_min_max_of_a_partial_last_block_is_the_masked_one(n, d, block, seed) -> None:
+    # the decode step's current block, unpadded, equals the padded and masked computation
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, 3, n, d, generator=g)
+    padded = torch.cat((keys, torch.randn(2, 3, -(-n // block) * block - n, d, generator=g) * 100), dim=2)
+    assert torch.equal(block_min_max(keys, block), block_min_max(padded, block, torch.tensor([[n]])))
+
+
 def _assert_selection(sel: sa.TokenSelection, expected: list[list[set[int]]]) -> None:
     for b, heads in enumerate(expected):
         for h, keys in enumerate(heads):

@@ -30,6 +30,8 @@ def token_sparse_attention_torch(
     """Each query attends to its head's selected keys (plus log-weights). Returns out [B, Hq, Sq, Dv]
     and lse [B, Hq, Sq]; rows outside q_lens, and rows with no selected key, are 0 with lse -inf."""
     b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
+    if selection.num_heads == hkv and k.is_contiguous() and v.is_contiguous():
+        return _grouped_decode(q, k, v, selection, scale, causal, q_lens, kv_lens)
 
     def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # rows of k/v flattened to [B*Hkv*Skv, D]: one index_select instead of a 3-index gather
@@ -40,6 +42,52 @@ def token_sparse_attention_torch(
         return k_sel, v_sel
 
     return selected_attention(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+
+
+def _grouped_decode(
+    q: torch.Tensor,  # [B, Hq, Sq, D]
+    k: torch.Tensor,  # [B, Hkv, Skv, D] contiguous
+    v: torch.Tensor,  # [B, Hkv, Skv, Dv] contiguous
+    selection: TokenSelection,  # one row per KV head, shared by its query heads
+    scale: float,
+    causal: bool,
+    q_lens: torch.Tensor,
+    kv_lens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common decode case (what the dynamic methods select) in as few ops as it takes: a step
+    runs this once per layer, so its fixed cost matters as much as the gather. The query heads of a
+    KV head are consecutive, so they are a view of q and the result needs no reordering."""
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    dev = q.device
+    acc = accum_dtype(q.dtype)
+    idx = selection.indices.to(dev, torch.int64)  # [B, Hkv, km]
+    km = idx.shape[-1]
+    unused = torch.arange(km, device=dev) >= selection.counts.to(dev)[..., None]  # [B, Hkv, km]
+    base = torch.arange(b * hkv, device=dev).view(b, hkv, 1) * skv
+    flat = (idx.masked_fill(unused, 0) + base).flatten()  # rows of k/v flattened to [B*Hkv*Skv, D]
+    k_sel = k.view(-1, d).index_select(0, flat).view(b, hkv, km, d).to(acc)
+    v_sel = v.view(-1, v.shape[-1]).index_select(0, flat).view(b, hkv, km, -1).to(acc)
+    q_sel = q.reshape(b, hkv, (hq // hkv) * sq, d).to(acc) * scale  # [B, Hkv, G*Sq, D]
+    scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, Hkv, G*Sq, km]
+    if selection.log_weights is not None:
+        scores.add_(selection.log_weights.to(dev, acc)[:, :, None, :])
+    ql = q_lens.tolist()
+    if all(n == sq for n in ql) and (not causal or sq == 1):
+        # one real query per row at position kv_len - 1: every selected key (< kv_len) is visible
+        scores.masked_fill_(unused[:, :, None, :], float("-inf"))
+    else:
+        i = torch.arange(sq, device=dev)
+        hidden = (
+            unused[:, :, None, :]
+            | (i[None, :] >= q_lens.to(dev)[:, None]).repeat(1, hq // hkv)[:, None, :, None]
+        )
+        if causal:
+            pos = (kv_lens.to(dev) - q_lens.to(dev))[:, None] + i[None, :]  # [B, Sq] query positions
+            hidden = hidden | (idx[:, :, None, :] > pos.repeat(1, hq // hkv)[:, None, :, None])
+        scores.masked_fill_(hidden, float("-inf"))
+    out, lse = softmax_av(scores, v_sel, need_lse=True)  # [B, Hkv, G*Sq, Dv], [B, Hkv, G*Sq]
+    return out.view(b, hq, sq, -1).to(q.dtype), lse.view(b, hq, sq)
 
 
 def paged_token_sparse_attention_torch(

@@ -93,7 +93,9 @@ class DynamicMethod:
             object.__setattr__(self, "tokens", self.default_tokens)
             density, tokens = self.density, self.tokens
         if density is not None and tokens is not None:
-            raise ConfigError(f"give a budget as density or as tokens, not both (density={density}, tokens={tokens})")
+            raise ConfigError(
+                f"give a budget as density or as tokens, not both (density={density}, tokens={tokens})"
+            )
         if density is not None:
             if isinstance(density, bool) or not isinstance(density, (int, float)):
                 raise ConfigError(f"density must be a fraction in (0, 1], got {density!r}")
@@ -126,10 +128,11 @@ class DynamicMethod:
         return None
 
     def compute_side(self, keys: torch.Tensor, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Side data of ``keys`` [..., n, D] (n a whole number of units): [..., units, *shape].
+        """Side data of ``keys`` [..., n, D]: [..., ceil(n / block_size), *shape].
 
-        ``kv_lens`` (broadcast against the leading dims) marks keys at or past it as absent, for the
-        last partly filled block."""
+        Without ``kv_lens`` every key is present and a last partial unit holds the keys left over (a
+        decode step's current block). With it (broadcast against the leading dims; n a whole number
+        of units) keys at or past it are absent (right-padded rows)."""
         raise NotImplementedError(f"{self.name} keeps no side data")
 
     def select_decode(

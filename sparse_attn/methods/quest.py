@@ -14,6 +14,7 @@ prefill selector: prefill runs ``prefill`` (a static method, or dense when None)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +27,6 @@ from .dynamic import (
     DynamicMethod,
     SideSpec,
     check_decode_inputs,
-    group_log_mass,
     mask_to_selection,
     top_by_score,
 )
@@ -70,74 +70,181 @@ class Quest(DynamicMethod):
         backend: str = "torch",
     ) -> TokenSelection:
         assert side is not None, "Quest selects from its block side data"
-        b, _, _ = check_decode_inputs(q, side, "side")
-        bs = self.block_size
+        b, hkv, _ = check_decode_inputs(q, side, "side")
         kvl = kv_lens.to("cpu", torch.int64)
-        n = int(kvl.max()) if b else 0
-        nb = -(-n // bs)
-        dev = q.device
-        bounds = block_bounds(q, side[:, :, :nb], scale, backend)  # [B, Hkv, G*Sq, nb]
-        blk = torch.arange(nb, device=dev)
-        sq = q.shape[2]
-        if bool((kvl > (nb - 1) * bs).all()) and bool((q_lens.to("cpu") >= sq).all()):
-            score = group_log_mass(bounds)  # [B, Hkv, nb]: every block and query row is real
+        kv = kvl.tolist()
+        bs = self.block_size
+        nb = -(-max(kv, default=0) // bs)
+        rows = [self._row_plan(n) for n in kv]
+        # A decode step costs a few dozen small ops: the per-row arithmetic stays in Python, and the
+        # work on tensors is O(blocks + budget), never a mask over all N keys.
+        if all(r.count == 0 for r in rows):
+            chosen = torch.zeros(b, hkv, 0, dtype=torch.int64, device=q.device)
         else:
-            block_ok = blk[None, :] * bs < kvl.to(dev)[:, None]  # [B, nb]
+            score = self._block_scores(q, side[:, :, :nb], kv, q_lens, scale, backend)  # [B, Hkv, nb]
+            chosen = _top_blocks(score, rows)
+        return _selected_tokens(chosen, rows, bs).built_for(kvl)
+
+    def _row_plan(self, kv_len: int) -> _RowPlan:
+        bs = self.block_size
+        s = min(kv_len, self.sink_tokens)
+        # the local window and the current (last, partly filled) block: keys [t, kv_len)
+        t = max(min(kv_len - self.local_tokens, max(kv_len - 1, 0) // bs * bs), 0)
+        if self.tokens is not None:
+            budget = min(self.tokens, kv_len)
+        else:
+            assert self.density is not None
+            budget = min(math.ceil(kv_len * self.density), kv_len)
+        if t <= s or budget >= kv_len:  # every key is kept
+            return _RowPlan(kv_len, kv_len, kv_len, 0, 0, kv_len)
+        n_blocks = max(budget - s - (kv_len - t), 0) // bs
+        # candidates: blocks not wholly kept already, [first, stop)
+        first, stop = s // bs, -(-t // bs)
+        return _RowPlan(s, t, kv_len, first, min(n_blocks, stop - first), stop)
+
+    def _block_scores(
+        self,
+        q: torch.Tensor,
+        side: torch.Tensor,
+        kv: list[int],
+        q_lens: torch.Tensor,
+        scale: float,
+        backend: str,
+    ) -> torch.Tensor:
+        """The group's log attention mass per block from the bounds: [B, Hkv, nb]."""
+        bs = self.block_size
+        nb, sq, dev = side.shape[2], q.shape[2], q.device
+        bounds = block_bounds(q, side, scale, backend)  # [B, Hkv, G*Sq, nb]
+        ragged_blocks = any(n <= (nb - 1) * bs for n in kv)
+        ragged_rows = bool((q_lens.to("cpu") < sq).any())
+        ok = None
+        if ragged_blocks or ragged_rows:
+            block_ok = torch.arange(nb, device=dev)[None, :] * bs < torch.tensor(kv, device=dev)[:, None]
             rows = torch.arange(sq, device=dev).repeat(bounds.shape[2] // max(sq, 1))
             row_ok = rows[None, :] < q_lens.to(dev)[:, None]
             ok = block_ok[:, None, None, :] & row_ok[:, None, :, None]
-            score = group_log_mass(bounds.masked_fill(~ok, float("-inf")))
+            bounds = bounds.masked_fill(~ok, float("-inf"))
+        logp = torch.log_softmax(bounds, dim=-1)  # each query row's softmax over blocks, log domain
+        if ok is not None:  # rows with no block (empty or padded query rows) give NaN: no mass
+            logp = logp.masked_fill(~ok, float("-inf"))
+        return logp[:, :, 0] if logp.shape[2] == 1 else torch.logsumexp(logp, dim=2)
 
-        # The always-kept keys are two ranges per row: [0, s) (sinks) and [t, kv_len) (the local window
-        # and the current block). Everything below works on blocks and on the selected keys only
-        # (O(blocks + budget)), never on a mask over all N keys.
-        kvl_d = kvl.to(dev)
-        s = kvl.clamp(max=self.sink_tokens)
-        t = torch.minimum(kvl - self.local_tokens, (kvl - 1).clamp(min=0) // bs * bs).clamp(min=0)
-        t = torch.where(t <= s, torch.zeros_like(t), t)  # the ranges meet: every key is kept
-        s = torch.where(t == 0, kvl, s)
-        kept_count = s + (kvl - t).clamp(min=0) * (t > 0)
-        budget = self.budget(kvl)
-        n_blocks = (budget - kept_count).clamp(min=0) // bs
-        everything = budget >= kvl
-        n_blocks = torch.where(everything, torch.full_like(n_blocks, nb), n_blocks)
-        s_d, t_d = s.to(dev)[:, None], torch.where(t > 0, t, kvl).to(dev)[:, None]  # kept: j < s or j >= t
-        start = blk[None, :] * bs  # [1, nb]
-        stop = torch.minimum(start + bs, kvl_d[:, None])  # [B, nb] end of each block within the row
-        # blocks entirely kept already (or past the row) are no candidates
-        covered = (stop <= s_d) | (start >= t_d)
-        score = score.masked_fill(covered[:, None, :], float("-inf"))
-        chosen = top_by_score(score, torch.zeros_like(score, dtype=torch.bool), n_blocks.to(dev)[:, None])
-        touches_kept = ((start < s_d) | (stop > t_d)) & (start < kvl_d[:, None])  # [B, nb]
-        visit = mask_to_selection(chosen | touches_kept[:, None])  # blocks holding selected keys
-        blocks = visit.indices  # [B, Hkv, m], ascending
-        m = blocks.shape[-1]
-        tok = (blocks[..., None] * bs + torch.arange(bs, device=dev)).reshape(b, -1, m * bs)
-        slot_ok = torch.arange(m, device=dev) < visit.counts.to(dev)[..., None]  # [B, Hkv, m]
-        slot_ok = slot_ok.repeat_interleave(bs, dim=-1)
-        whole = chosen.gather(-1, blocks).repeat_interleave(bs, dim=-1)
-        kvl3, s3, t3 = kvl_d[:, None, None], s_d[:, :, None], t_d[:, :, None]
-        keep = slot_ok & (tok < kvl3) & (whole | (tok < s3) | (tok >= t3))
-        packed = mask_to_selection(keep)
-        counts = packed.counts
-        width = packed.indices.shape[-1]
-        indices = tok.gather(-1, packed.indices)
-        indices = torch.where(torch.arange(width, device=dev) < counts[..., None], indices, 0)
-        return TokenSelection(indices, counts).built_for(kvl)
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """One row's decode plan: keys [0, sink) and [local, kv_len) are always kept; ``count`` whole
+    blocks are chosen among blocks [first, stop)."""
+
+    sink: int
+    local: int
+    kv_len: int
+    first: int
+    count: int
+    stop: int
+
+
+def _top_blocks(score: torch.Tensor, rows: list[_RowPlan]) -> torch.Tensor:
+    """The chosen blocks of every (row, KV head): int64 [B, Hkv, C], ascending, padded with a block
+    id past the scores (``score.shape[-1]``). Best scores first; ties go to the lower block."""
+    b, hkv, nb = score.shape
+    dev = score.device
+    spans = {(r.first, r.count, r.stop) for r in rows}
+    if len(spans) == 1:  # every row alike (always at batch 1): the candidates are one slice
+        first, count, stop = spans.pop()
+        if count == stop - first:
+            return torch.arange(first, stop, device=dev).expand(b, hkv, count)
+        return _top_ids(score[:, :, first:stop], count, None) + first
+    j = torch.arange(nb, device=dev)
+    first = torch.tensor([r.first for r in rows], device=dev)[:, None, None]
+    stop = torch.tensor([r.stop for r in rows], device=dev)[:, None, None]
+    score = score.masked_fill((j < first) | (j >= stop), float("-inf"))
+    counts = torch.tensor([r.count for r in rows], device=dev)
+    return _top_ids(score, max(r.count for r in rows), counts)
+
+
+def _top_ids(score: torch.Tensor, k: int, counts: torch.Tensor | None) -> torch.Tensor:
+    """Ascending ids of the ``k`` best scores per row [B, H, n] (``counts`` [B]: fewer for some rows,
+    the rest padded with n); ties at the cut go to the lower index, as a stable sort would."""
+    b, h, n = score.shape
+    if k == 0:
+        return torch.zeros(b, h, 0, dtype=torch.int64, device=score.device)
+    top = torch.topk(score, k, dim=-1, sorted=True)
+    if counts is None:
+        cut = top.values[..., -1:]
+        want = torch.full((b, h, 1), k, device=score.device)
+    else:
+        want = counts[:, None, None].expand(b, h, 1)
+        cut = top.values.gather(-1, (want - 1).clamp(min=0))
+    # topk's order among equal scores is unspecified: when scores tie at the cut (rare), choose by
+    # the stable rule on the whole row instead
+    if bool((((score >= cut).sum(-1, keepdim=True) > want) & (want > 0)).any()):
+        mask = top_by_score(score, torch.zeros_like(score, dtype=torch.bool), want[..., 0])
+        ids = mask_to_selection(mask)
+        return torch.where(ids.used(), ids.indices, n)
+    ids = top.indices
+    if counts is not None:
+        ids = torch.where(torch.arange(k, device=score.device) < want, ids, n)
+    return ids.sort(dim=-1).values
+
+
+def _selected_tokens(chosen: torch.Tensor, rows: list[_RowPlan], bs: int) -> TokenSelection:
+    """The selected keys: each row's always-kept ranges [0, sink) and [local, kv_len) plus every other
+    key of its chosen blocks (int64 [B, Hkv, C], ascending, padded with ids past the row)."""
+    b, hkv, c = chosen.shape
+    dev = chosen.device
+    s: int | torch.Tensor
+    t: int | torch.Tensor
+    n: int | torch.Tensor
+    if len({(r.sink, r.local, r.kv_len) for r in rows}) == 1:
+        s, t, n = rows[0].sink, rows[0].local, rows[0].kv_len
+    else:
+        s, t, n = (
+            torch.tensor(x, device=dev)[:, None, None]
+            for x in zip(*[(r.sink, r.local, r.kv_len) for r in rows])
+        )
+    p = torch.arange(max(r.kv_len for r in rows) if rows else 0, device=dev)  # output slots
+    if c == 0:
+        counts = torch.zeros(b, hkv, 1, dtype=torch.int64, device=dev) + (s + n - t)
+        idx = torch.where(p < s, p, p + (t - s))
+    else:
+        tok = (chosen[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)  # [B, Hkv, C*bs] ascending
+        # tok's keys that are not kept already are one run [lo, lo + mid): a chosen block may overlap
+        # the kept ranges (the block of the last sink, the one where the window starts)
+        lo = (tok < s).sum(-1, keepdim=True)
+        mid = (tok < t).sum(-1, keepdim=True) - lo  # [B, Hkv, 1]
+        counts = mid + (s + n - t)
+        p = p[: int(counts.max())]
+        from_tok = tok.gather(-1, (p - s + lo).clamp(0, tok.shape[-1] - 1))
+        idx = torch.where(p < s, p, torch.where(p < s + mid, from_tok, p - mid + (t - s)))
+    width = int(counts.max()) if counts.numel() else 0
+    idx = idx[..., :width].expand(b, hkv, width)
+    idx = idx.masked_fill(p[:width] >= counts, 0)
+    return TokenSelection(idx, counts[..., 0])
 
 
 def block_min_max(keys: torch.Tensor, block: int, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """Elementwise min and max of each block of keys: keys [..., n, D] (n a multiple of ``block``) ->
-    [..., n / block, 2, D] (index 0 min, 1 max) in the keys' dtype. Keys at or past ``kv_lens``
-    (broadcast against the leading dims) are left out; a block with no key gets zeros."""
+    """Elementwise min and max of each block of keys: keys [..., n, D] -> [..., ceil(n / block), 2, D]
+    (index 0 min, 1 max) in the keys' dtype. Without ``kv_lens`` a last partial block holds the keys
+    left over; with it (broadcast against the leading dims; n a multiple of ``block``) keys at or past
+    it are left out, and a block with no key gets zeros."""
     *lead, n, d = keys.shape
+    if kv_lens is None:
+        whole = n // block * block
+        parts = []
+        if whole:
+            blocks = keys[..., :whole, :].reshape(*lead, whole // block, block, d)
+            parts.append(torch.stack((blocks.amin(-2), blocks.amax(-2)), dim=-2))
+        if whole < n:  # a decode step's current block: its keys so far, no padding
+            tail = keys[..., whole:, :]
+            parts.append(torch.stack((tail.amin(-2), tail.amax(-2)), dim=-2).unsqueeze(-3))
+        if not parts:
+            return keys.new_zeros(*lead, 0, 2, d)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
     if n % block:
         raise ConfigError(f"keys cover {n} positions, not a whole number of {block}-key blocks")
     blocks = keys.reshape(*lead, n // block, block, d)
-    if kv_lens is None:
-        return torch.stack((blocks.amin(-2), blocks.amax(-2)), dim=-2)
     j = torch.arange(n, device=keys.device).view(n // block, block)
-    present = (j < kv_lens.to(keys.device).reshape(*kv_lens.shape, 1, 1))  # [..., nb, block]
+    present = j < kv_lens.to(keys.device).reshape(*kv_lens.shape, 1, 1)  # [..., nb, block]
     present = present.reshape(*present.shape, 1)
     big = torch.finfo(keys.dtype).max
     lo = torch.where(present, blocks, torch.full_like(blocks, big)).amin(-2)
