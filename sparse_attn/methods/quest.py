@@ -116,7 +116,7 @@ class Quest(DynamicMethod):
         nb, sq, dev = side.shape[2], q.shape[2], q.device
         bounds = block_bounds(q, side, scale, backend)  # [B, Hkv, G*Sq, nb]
         ragged_blocks = any(n <= (nb - 1) * bs for n in kv)
-        ragged_rows = bool((q_lens.to("cpu") < sq).any())
+        ragged_rows = any(n < sq for n in q_lens.tolist())
         ok = None
         if ragged_blocks or ragged_rows:
             block_ok = torch.arange(nb, device=dev)[None, :] * bs < torch.tensor(kv, device=dev)[:, None]
@@ -168,21 +168,24 @@ def _top_ids(score: torch.Tensor, k: int, counts: torch.Tensor | None) -> torch.
     b, h, n = score.shape
     if k == 0:
         return torch.zeros(b, h, 0, dtype=torch.int64, device=score.device)
-    top = torch.topk(score, k, dim=-1, sorted=True)
-    if counts is None:
-        cut = top.values[..., -1:]
-        want = torch.full((b, h, 1), k, device=score.device)
+    kk = min(k + 1, n)
+    top = torch.topk(score, kk, dim=-1, sorted=True)  # one past the cut, to see ties there
+    want = None if counts is None else counts[:, None, None].expand(b, h, 1)
+    if want is None:
+        tie = k < n and bool((top.values[..., k - 1] == top.values[..., k]).any())
     else:
-        want = counts[:, None, None].expand(b, h, 1)
-        cut = top.values.gather(-1, (want - 1).clamp(min=0))
-    # topk's order among equal scores is unspecified: when scores tie at the cut (rare), choose by
-    # the stable rule on the whole row instead
-    if bool((((score >= cut).sum(-1, keepdim=True) > want) & (want > 0)).any()):
-        mask = top_by_score(score, torch.zeros_like(score, dtype=torch.bool), want[..., 0])
+        last = top.values.gather(-1, (want - 1).clamp(min=0))
+        after = top.values.gather(-1, want.clamp(max=kk - 1))
+        tie = bool(((last == after) & (want > 0) & (want < kk)).any())
+    if tie:
+        # topk's order among equal scores is unspecified: when a score ties the last one taken (rare),
+        # choose by the stable rule on the whole row instead
+        cap = torch.full((b, h), k, device=score.device) if want is None else want[..., 0]
+        mask = top_by_score(score, torch.zeros_like(score, dtype=torch.bool), cap)
         ids = mask_to_selection(mask)
         return torch.where(ids.used(), ids.indices, n)
-    ids = top.indices
-    if counts is not None:
+    ids = top.indices[..., :k]
+    if want is not None:
         ids = torch.where(torch.arange(k, device=score.device) < want, ids, n)
     return ids.sort(dim=-1).values
 
