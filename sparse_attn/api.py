@@ -95,6 +95,11 @@ def _run_layout(
             block_table=block_table,
             page_size=page_size,
         )
+    elif q.shape[2] == 1 and block_table is None and layout.is_decode():
+        # a decode step: the layout's keys as one gather per KV head (built once per layout, shared
+        # by every layer of the step), not the prefill kernel's tile bookkeeping
+        sel = layout.decode_selection()
+        out, lse = token_sparse_attention_torch(q, k, v, sel, scale, layout.causal, layout.q_lens, layout.kv_lens)
     else:
         out, lse = block_sparse_attention_torch(q, k, v, layout, scale, need_lse=return_lse)
     return _finish(out, lse, return_lse)

@@ -273,7 +273,25 @@ class BlockLayout:
 
     def decode_selection(self) -> TokenSelection:
         """The same attention as a TokenSelection, for layouts whose rows have at most one query
-        (decode): the keys of the row's listed blocks that the element predicate keeps, ascending."""
+        (decode): the keys of the row's listed blocks that the element predicate keeps, ascending.
+
+        Built once per layout and kept (plan once, run many: every layer of a decode step runs the
+        step's layout, and each reuses this)."""
+        cached = self.__dict__.get("_decode_selection")
+        if cached is None:
+            cached = self._build_decode_selection().built_for(self.kv_lens)
+            object.__setattr__(self, "_decode_selection", cached)
+        return cached
+
+    def is_decode(self) -> bool:
+        """Whether every row has at most one query (a decode step's layout)."""
+        flag = self.__dict__.get("_is_decode")
+        if flag is None:
+            flag = not self.batch_size or int(self.q_lens.max()) <= 1
+            object.__setattr__(self, "_is_decode", flag)
+        return flag
+
+    def _build_decode_selection(self) -> TokenSelection:
         if self.batch_size and int(self.q_lens.max()) > 1:
             raise LayoutError(f"decode_selection needs q_lens <= 1, got {self.q_lens.tolist()}")
         b, h, bk = self.batch_size, self.num_heads, self.block_k

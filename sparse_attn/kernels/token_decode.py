@@ -30,6 +30,13 @@ def token_sparse_attention_torch(
     """Each query attends to its head's selected keys (plus log-weights). Returns out [B, Hq, Sq, Dv]
     and lse [B, Hq, Sq]; rows outside q_lens, and rows with no selected key, are 0 with lse -inf."""
     b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
+    if selection.num_heads == 1 and hkv > 1:  # one selection for every head: each KV head's view of it
+        lw = selection.log_weights
+        selection = TokenSelection(
+            selection.indices.expand(b, hkv, -1),
+            selection.counts.expand(b, hkv),
+            None if lw is None else lw.expand(b, hkv, -1),
+        )
     if selection.num_heads == hkv and k.is_contiguous() and v.is_contiguous():
         return _grouped_decode(q, k, v, selection, scale, causal, q_lens, kv_lens)
 
