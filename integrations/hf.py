@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..api import block_sparse_attention, select_backend, token_sparse_attention
+from ..api import block_sparse_attention, run_token_selection, select_backend
 from ..block_layout import BlockLayout
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
@@ -247,9 +247,8 @@ class SparsePatch:
             side = state.store.update(k, spans.kv_lens, new_tokens=1)
             keys = k if method.needs_keys else None
             sel = method.select_decode(q, keys, side, spans.kv_lens, spans.q_lens, sc, causal, backend)
-            out = token_sparse_attention(
-                q, k, v, sel, scale=sc, causal=causal, q_lens=spans.q_lens, kv_lens=spans.kv_lens
-            )
+            sel.validate(spans.kv_lens)  # a lookup: the selector built it for these lengths
+            out = run_token_selection(q, k, v, sel, sc, False, causal, spans.q_lens, spans.kv_lens, backend)
             state.last_selection, state.last_kv_lens, state.last_layout = sel, spans.kv_lens, None
         else:
             # the next decode step rebuilds the side data from this prefill's keys

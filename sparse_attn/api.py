@@ -173,7 +173,7 @@ def sparse_attention(
             # q, k, v and the lengths were checked above; a selector's output is valid by construction
             # (``built_for``), so this is a lookup, not a device-to-host check
             plan.validate(kvl)
-            return _token_attention(q, k, v, plan, sc, return_lse, causal, ql, kvl, chosen)
+            return run_token_selection(q, k, v, plan, sc, return_lse, causal, ql, kvl, chosen)
         layout = plan
     else:
         if side is not None:
@@ -303,10 +303,10 @@ def token_sparse_attention(
     if selection.indices.device != q.device and selection.indices.device.type != "cpu":
         raise LayoutError(f"selection is on {selection.indices.device}, q on {q.device}")
     chosen = select_backend(backend, q.device, q.dtype)
-    return _token_attention(q, k, v, selection, sc, return_lse, causal, ql, kvl, chosen)
+    return run_token_selection(q, k, v, selection, sc, return_lse, causal, ql, kvl, chosen)
 
 
-def _token_attention(
+def run_token_selection(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -318,6 +318,9 @@ def _token_attention(
     kvl: torch.Tensor,
     backend: str,
 ) -> Result:
+    """Run a TokenSelection whose inputs were already checked (``token_sparse_attention`` is the
+    public entry; this is the step the integrations call once per layer, without re-checking what
+    their step already knows): ``backend`` is a ``select_backend`` choice."""
     if backend == "triton":
         out, lse = _triton("sparse_decode").token_decode(
             q,
