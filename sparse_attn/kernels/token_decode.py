@@ -30,15 +30,6 @@ def token_sparse_attention_torch(
     """Each query attends to its head's selected keys (plus log-weights). Returns out [B, Hq, Sq, Dv]
     and lse [B, Hq, Sq]; rows outside q_lens, and rows with no selected key, are 0 with lse -inf."""
     b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
-    if selection.num_heads == 1 and hkv > 1:  # one selection for every head: each KV head's view of it
-        lw = selection.log_weights
-        selection = TokenSelection(
-            selection.indices.expand(b, hkv, -1),
-            selection.counts.expand(b, hkv),
-            None if lw is None else lw.expand(b, hkv, -1),
-        )
-    if selection.num_heads == hkv and k.is_contiguous() and v.is_contiguous():
-        return _grouped_decode(q, k, v, selection, scale, causal, q_lens, kv_lens)
 
     def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # rows of k/v flattened to [B*Hkv*Skv, D]: one index_select instead of a 3-index gather
@@ -48,33 +39,56 @@ def token_sparse_attention_torch(
         v_sel = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
         return k_sel, v_sel
 
+    return _attend_selected(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+
+
+def _attend_selected(
+    q: torch.Tensor,
+    num_kv_heads: int,
+    selection: TokenSelection,
+    scale: float,
+    causal: bool,
+    q_lens: torch.Tensor,
+    kv_lens: torch.Tensor,
+    gather: Gather,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped fast path when the selection is one row per KV head (or one for all heads), the
+    general per-unit path otherwise (per-query-head selections, e.g. MoA's)."""
+    b, hkv = q.shape[0], num_kv_heads
+    if selection.num_heads == 1 and hkv > 1:  # one selection for every head: each KV head's view of it
+        lw = selection.log_weights
+        selection = TokenSelection(
+            selection.indices.expand(b, hkv, -1),
+            selection.counts.expand(b, hkv),
+            None if lw is None else lw.expand(b, hkv, -1),
+        )
+    if selection.num_heads == hkv:
+        return _grouped_decode(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
     return selected_attention(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
 
 
 def _grouped_decode(
     q: torch.Tensor,  # [B, Hq, Sq, D]
-    k: torch.Tensor,  # [B, Hkv, Skv, D] contiguous
-    v: torch.Tensor,  # [B, Hkv, Skv, Dv] contiguous
+    hkv: int,
     selection: TokenSelection,  # one row per KV head, shared by its query heads
     scale: float,
     causal: bool,
     q_lens: torch.Tensor,
     kv_lens: torch.Tensor,
+    gather: Gather,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The common decode case (what the dynamic methods select) in as few ops as it takes: a step
-    runs this once per layer, so its fixed cost matters as much as the gather. The query heads of a
-    KV head are consecutive, so they are a view of q and the result needs no reordering."""
+    """The common decode case (static layouts' decode selections, the dynamic methods' selections) in
+    as few ops as it takes: a step runs this once per layer, so its fixed cost matters as much as the
+    gather. The query heads of a KV head are consecutive, so they are a view of q and the result
+    needs no reordering."""
     b, hq, sq, d = q.shape
-    hkv, skv = k.shape[1], k.shape[2]
     dev = q.device
     acc = accum_dtype(q.dtype)
     idx = selection.indices.to(dev, torch.int64)  # [B, Hkv, km]
     km = idx.shape[-1]
     unused = torch.arange(km, device=dev) >= selection.counts.to(dev)[..., None]  # [B, Hkv, km]
-    base = torch.arange(b * hkv, device=dev).view(b, hkv, 1) * skv
-    flat = (idx.masked_fill(unused, 0) + base).flatten()  # rows of k/v flattened to [B*Hkv*Skv, D]
-    k_sel = k.view(-1, d).index_select(0, flat).view(b, hkv, km, d).to(acc)
-    v_sel = v.view(-1, v.shape[-1]).index_select(0, flat).view(b, hkv, km, -1).to(acc)
+    k_sel, v_sel = gather(idx.masked_fill(unused, 0), torch.arange(hkv, device=dev))
+    k_sel, v_sel = k_sel.to(acc), v_sel.to(acc)  # [B, Hkv, km, D], [B, Hkv, km, Dv]
     q_sel = q.reshape(b, hkv, (hq // hkv) * sq, d).to(acc) * scale  # [B, Hkv, G*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, Hkv, G*Sq, km]
     if selection.log_weights is not None:
@@ -112,15 +126,21 @@ def paged_token_sparse_attention_torch(
     ``block_table[b, j // page_size]``, slot ``j % page_size``; only selected keys are gathered."""
     num_pages, page_size, hkv = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
     table = block_table.to(q.device, torch.int64)
+    flat_ok = key_cache.is_contiguous() and value_cache.is_contiguous()
 
     def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         page_of = (idx // page_size).clamp(0, table.shape[1] - 1)
         pages = table.gather(1, page_of.flatten(1)).view_as(idx).clamp(0, num_pages - 1)
-        heads = kv_head.view(1, -1, 1).expand_as(idx)
         slots = idx % page_size
+        if flat_ok:  # one index_select over [pages*page_size*Hkv, D] rows instead of a 3-index gather
+            flat = ((pages * page_size + slots) * hkv + kv_head.view(1, -1, 1)).flatten()
+            k_sel = key_cache.view(-1, key_cache.shape[-1]).index_select(0, flat)
+            v_sel = value_cache.view(-1, value_cache.shape[-1]).index_select(0, flat)
+            return k_sel.view(*idx.shape, -1), v_sel.view(*idx.shape, -1)
+        heads = kv_head.view(1, -1, 1).expand_as(idx)
         return key_cache[pages, slots, heads], value_cache[pages, slots, heads]
 
-    return selected_attention(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+    return _attend_selected(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
 
 
 def selected_attention(
