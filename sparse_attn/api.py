@@ -99,13 +99,15 @@ def _run_layout(
         # a decode step: the layout's keys as one gather per KV head (built once per layout, shared
         # by every layer of the step), not the prefill kernel's tile bookkeeping
         sel = layout.decode_selection()
-        out, lse = token_sparse_attention_torch(q, k, v, sel, scale, layout.causal, layout.q_lens, layout.kv_lens)
+        out, lse = token_sparse_attention_torch(
+            q, k, v, sel, scale, layout.causal, layout.q_lens, layout.kv_lens, need_lse=return_lse
+        )
     else:
         out, lse = block_sparse_attention_torch(q, k, v, layout, scale, need_lse=return_lse)
     return _finish(out, lse, return_lse)
 
 
-def _finish(out: torch.Tensor, lse: torch.Tensor, return_lse: bool) -> Result:
+def _finish(out: torch.Tensor, lse: torch.Tensor | None, return_lse: bool) -> Result:
     return (out, lse) if return_lse else out
 
 
@@ -336,4 +338,5 @@ def run_token_selection(
             return_lse=True,
         )
         return _finish(out, lse, return_lse)
-    return _finish(*token_sparse_attention_torch(q, k, v, selection, sc, causal, ql, kvl), return_lse)
+    out, lse = token_sparse_attention_torch(q, k, v, selection, sc, causal, ql, kvl, need_lse=return_lse)
+    return _finish(out, lse, return_lse)

@@ -26,9 +26,11 @@ def token_sparse_attention_torch(
     causal: bool,
     q_lens: torch.Tensor,  # [B]
     kv_lens: torch.Tensor,  # [B]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each query attends to its head's selected keys (plus log-weights). Returns out [B, Hq, Sq, Dv]
-    and lse [B, Hq, Sq]; rows outside q_lens, and rows with no selected key, are 0 with lse -inf."""
+    and lse [B, Hq, Sq] (None unless ``need_lse``); rows outside q_lens, and rows with no selected
+    key, are 0 with lse -inf."""
     b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
 
     def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,7 @@ def token_sparse_attention_torch(
         v_sel = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
         return k_sel, v_sel
 
-    return _attend_selected(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+    return _attend_selected(q, hkv, selection, scale, causal, q_lens, kv_lens, gather, need_lse)
 
 
 def _attend_selected(
@@ -51,7 +53,8 @@ def _attend_selected(
     q_lens: torch.Tensor,
     kv_lens: torch.Tensor,
     gather: Gather,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The grouped fast path when the selection is one row per KV head (or one for all heads), the
     general per-unit path otherwise (per-query-head selections, e.g. MoA's)."""
     b, hkv = q.shape[0], num_kv_heads
@@ -63,7 +66,7 @@ def _attend_selected(
             None if lw is None else lw.expand(b, hkv, -1),
         )
     if selection.num_heads == hkv:
-        return _grouped_decode(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+        return _grouped_decode(q, hkv, selection, scale, causal, q_lens, kv_lens, gather, need_lse)
     return selected_attention(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
 
 
@@ -76,7 +79,8 @@ def _grouped_decode(
     q_lens: torch.Tensor,
     kv_lens: torch.Tensor,
     gather: Gather,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The common decode case (static layouts' decode selections, the dynamic methods' selections) in
     as few ops as it takes: a step runs this once per layer, so its fixed cost matters as much as the
     gather. The query heads of a KV head are consecutive, so they are a view of q and the result
@@ -86,29 +90,34 @@ def _grouped_decode(
     acc = accum_dtype(q.dtype)
     idx = selection.indices.to(dev, torch.int64)  # [B, Hkv, km]
     km = idx.shape[-1]
-    unused = torch.arange(km, device=dev) >= selection.counts.to(dev)[..., None]  # [B, Hkv, km]
-    k_sel, v_sel = gather(idx.masked_fill(unused, 0), torch.arange(hkv, device=dev))
+    counts = selection.counts.to(dev)
+    lo = int(counts.min()) if counts.numel() else km
+    # every slot used (static patterns' decode, most rows): no slot mask at all
+    unused = None if lo == km else torch.arange(km, device=dev) >= counts[..., None]  # [B, Hkv, km]
+    k_sel, v_sel = gather(idx if unused is None else idx.masked_fill(unused, 0), torch.arange(hkv, device=dev))
     k_sel, v_sel = k_sel.to(acc), v_sel.to(acc)  # [B, Hkv, km, D], [B, Hkv, km, Dv]
     q_sel = q.reshape(b, hkv, (hq // hkv) * sq, d).to(acc) * scale  # [B, Hkv, G*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, Hkv, G*Sq, km]
     if selection.log_weights is not None:
         scores.add_(selection.log_weights.to(dev, acc)[:, :, None, :])
-    ql = q_lens.tolist()
-    if all(n == sq for n in ql) and (not causal or sq == 1):
+    one_query = all(n == sq for n in q_lens.tolist()) and (not causal or sq == 1)
+    if one_query:
         # one real query per row at position kv_len - 1: every selected key (< kv_len) is visible
-        scores.masked_fill_(unused[:, :, None, :], float("-inf"))
+        if unused is not None:
+            scores.masked_fill_(unused[:, :, None, :], float("-inf"))
     else:
         i = torch.arange(sq, device=dev)
-        hidden = (
-            unused[:, :, None, :]
-            | (i[None, :] >= q_lens.to(dev)[:, None]).repeat(1, hq // hkv)[:, None, :, None]
-        )
+        hidden = (i[None, :] >= q_lens.to(dev)[:, None]).repeat(1, hq // hkv)[:, None, :, None]
+        if unused is not None:
+            hidden = hidden | unused[:, :, None, :]
         if causal:
             pos = (kv_lens.to(dev) - q_lens.to(dev))[:, None] + i[None, :]  # [B, Sq] query positions
             hidden = hidden | (idx[:, :, None, :] > pos.repeat(1, hq // hkv)[:, None, :, None])
         scores.masked_fill_(hidden, float("-inf"))
-    out, lse = softmax_av(scores, v_sel, need_lse=True)  # [B, Hkv, G*Sq, Dv], [B, Hkv, G*Sq]
-    return out.view(b, hq, sq, -1).to(q.dtype), lse.view(b, hq, sq)
+    # with one visible query per row, a row sees no key only when its count is 0
+    may_be_empty = lo == 0 or not one_query
+    out, lse = softmax_av(scores, v_sel, need_lse=need_lse, may_be_empty=may_be_empty)  # [B, Hkv, G*Sq, Dv]
+    return out.view(b, hq, sq, -1).to(q.dtype), None if lse is None else lse.view(b, hq, sq)
 
 
 def paged_token_sparse_attention_torch(
