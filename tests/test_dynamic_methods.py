@@ -99,7 +99,7 @@ def test_quest_decode_selection_is_brute_force(B, Hq, Hkv, Skv, D, kv_lens, budg
 def test_quest_ties_go_to_the_lower_block(kv_lens) -> None:
     # every block holds the same keys: all bounds tie, and the lowest candidate blocks win
     block, B = 8, len(kv_lens)
-    q, k, v = make_qkv(B, 4, 2, 1, 200, 64, kv_lens=kv_lens, seed=5)
+    q, k, _ = make_qkv(B, 4, 2, 1, 200, 64, kv_lens=kv_lens, seed=5)
     k = k[:, :, :block].repeat(1, 1, 200 // block, 1).contiguous()
     method = sa.Quest(tokens=60, sink_tokens=3, local_tokens=5, block_size=block)
     sel = sa.select(method, q, k, kv_lens=list(kv_lens))
