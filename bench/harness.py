@@ -1,9 +1,10 @@
-"""Timing and environment record shared by the benchmarks.
+"""Timing, devices and the environment record shared by the benchmarks.
 
-``time_callable`` runs a callable ``warmup`` times untimed, then up to ``repeats`` timed runs (fewer
-when a per-case time budget runs out, never fewer than ``min_repeats``), and reports the p20/p50/p80
-of the timed runs in milliseconds. ``environment`` is the record stored at the top of every result
-file: machine, versions, git commit and a UTC timestamp.
+``Timer`` times a callable by wall clock (CPU) or CUDA events (GPU): warmup calls, then timed runs
+until a repeat count or a time budget, reported as p20/p50/p80 in milliseconds. ``Device`` is where a
+benchmark's tensors live (device type, dtype, attention heads, block size) and which timer each mode
+uses. ``environment`` is the record stored at the top of every result file: machine (and GPU),
+versions, git commit and a UTC timestamp.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +39,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class Timing:
-    """Wall-clock times of the timed runs, in milliseconds."""
+    """Times of the timed runs, in milliseconds."""
 
     samples_ms: list[float] = field(default_factory=list)
     warmup: int = 0
@@ -58,34 +60,172 @@ class Timing:
         return {"p20": round(self.p20, 4), "p50": round(self.p50, 4), "p80": round(self.p80, 4)}
 
 
-def time_callable(
-    fn: Callable[[], Any],
-    *,
-    warmup: int = 1,
-    repeats: int = 5,
-    min_repeats: int = 1,
-    budget_s: float | None = None,
-) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then timed calls.
+CLOCKS = ("wall", "cuda")
+_FLUSH_BUFFERS: dict[tuple[int, str], Any] = {}
 
-    Timed calls stop after ``repeats`` runs, or earlier once ``budget_s`` seconds of timed runs have
-    elapsed and at least ``min_repeats`` runs were made.
+
+@dataclass(frozen=True)
+class Timer:
+    """How a callable is timed: ``warmup`` untimed calls, then timed calls until ``max_repeats`` runs,
+    or earlier once ``budget_s`` seconds of timed runs were spent and ``min_repeats`` runs made.
+
+    ``clock`` "wall" reads ``time.perf_counter`` around each call (CPU ops have finished when they
+    return); "cuda" records CUDA events around it and waits for the end event, so a sample is the
+    GPU time of the call (launch latency included when the GPU was idle before it). With
+    ``flush_bytes`` a buffer that large is zeroed before each timed call, outside the timing, so a
+    call reads its inputs from memory rather than from a warm L2 (what a decode step sees in a
+    model, where the layers between two steps evict the cache).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(max(0, warmup)):
-        fn()
-    timing = Timing(warmup=max(0, warmup))
-    spent = 0.0
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        timing.samples_ms.append(dt * 1e3)
-        spent += dt
-        if budget_s is not None and i + 1 >= min_repeats and spent >= budget_s:
-            break
-    return timing
+
+    clock: str = "wall"
+    warmup: int = 0
+    min_repeats: int = 1
+    max_repeats: int = 5
+    budget_s: float | None = None
+    flush_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
+        if self.max_repeats < 1:
+            raise ValueError(f"max_repeats must be >= 1, got {self.max_repeats}")
+
+    def time(self, fn: Callable[[], Any]) -> Timing:
+        """Time ``fn()``; the timed runs' samples in ms."""
+        for _ in range(max(0, self.warmup)):
+            fn()
+        start, stop = _cuda_clock() if self.clock == "cuda" else _wall_clock()
+        flush = self.flush_buffer()
+        timing = Timing(warmup=max(0, self.warmup))
+        spent_ms = 0.0
+        min_repeats = min(self.min_repeats, self.max_repeats)
+        while len(timing.samples_ms) < self.max_repeats:
+            if flush is not None:
+                flush.zero_()
+            mark = start()
+            fn()
+            ms = stop(mark)
+            timing.samples_ms.append(ms)
+            spent_ms += ms
+            done = len(timing.samples_ms) >= min_repeats
+            if self.budget_s is not None and done and spent_ms >= self.budget_s * 1e3:
+                break
+        return timing
+
+    def describe(self) -> dict[str, Any]:
+        """The timer's settings, for a result's config."""
+        return {
+            "clock": {"wall": "time.perf_counter", "cuda": "CUDA events"}[self.clock],
+            "warmup": self.warmup,
+            "min_repeats": min(self.min_repeats, self.max_repeats),
+            "max_repeats": self.max_repeats,
+            "budget_s": self.budget_s,
+            "flush_bytes": self.flush_bytes,
+        }
+
+    def flush_buffer(self) -> Any:
+        """The buffer zeroed before each timed call (None without flushing), one per size and device."""
+        if self.flush_bytes <= 0:
+            return None
+        import torch
+
+        device = "cuda" if self.clock == "cuda" else "cpu"
+        key = (self.flush_bytes, device)
+        if key not in _FLUSH_BUFFERS:
+            _FLUSH_BUFFERS[key] = torch.empty(self.flush_bytes, dtype=torch.int8, device=device)
+        return _FLUSH_BUFFERS[key]
+
+
+def _wall_clock() -> tuple[Callable[[], Any], Callable[[Any], float]]:
+    def stop(t0: float) -> float:
+        return (time.perf_counter() - t0) * 1e3
+
+    return time.perf_counter, stop
+
+
+def _cuda_clock() -> tuple[Callable[[], Any], Callable[[Any], float]]:
+    import torch
+
+    torch.cuda.synchronize()  # the warmup calls' work must not land in the first sample
+
+    def start() -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(begin: Any) -> float:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return float(begin.elapsed_time(end))
+
+    return start, stop
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a benchmark runs: torch device type and dtype, the attention heads and sparse block size,
+    and the timer of each mode ("prefill", "decode")."""
+
+    type: str
+    dtype: Any  # a torch.dtype (torch is imported only when a benchmark runs)
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    block: int
+    prefill_timer: Timer
+    decode_timer: Timer
+
+    def timer(self, mode: str) -> Timer:
+        return self.prefill_timer if mode == "prefill" else self.decode_timer
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def qkv(self, batch: int, sq: int, skv: int, seed: int) -> tuple[Any, Any, Any]:
+        """Random q [B, Hq, sq, D], k and v [B, Hkv, skv, D] from a generator on the device."""
+        import torch
+
+        g = torch.Generator(device=self.type).manual_seed(seed)
+
+        def randn(heads: int, length: int) -> torch.Tensor:
+            size = (batch, heads, length, self.head_dim)
+            return torch.randn(*size, generator=g, device=self.type, dtype=self.dtype)
+
+        return randn(self.q_heads, sq), randn(self.kv_heads, skv), randn(self.kv_heads, skv)
+
+    def shape(self, batch: int, sq: int, skv: int) -> dict[str, Any]:
+        """A row's ``shape`` record."""
+        return {
+            "B": batch,
+            "Hq": self.q_heads,
+            "Hkv": self.kv_heads,
+            "Sq": sq,
+            "Skv": skv,
+            "D": self.head_dim,
+            "dtype": self.dtype_name,
+        }
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (a no-op on CPU, whose ops finish before they return)."""
+        if self.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def release(self) -> None:
+        """Hand cached device memory back between lengths (the CUDA caching allocator keeps it)."""
+        if self.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def peak_extra_memory(self, fn: Callable[[], Any]) -> tuple[Any, int | None]:
+        """``(fn(), peak extra bytes)``: resident memory on CPU, the CUDA allocator's peak on GPU."""
+        from . import memory
+
+        return memory.peak_extra_cuda(fn) if self.type == "cuda" else memory.peak_extra_rss(fn)
 
 
 def _cpu_model() -> str:
@@ -182,11 +322,12 @@ def _sparse_attn_version() -> str:
         return "unknown"
 
 
-def environment() -> dict[str, Any]:
-    """The environment record: machine, versions, commit, UTC timestamp."""
+def environment(device_type: str = "cpu") -> dict[str, Any]:
+    """The environment record: machine, versions, commit, UTC timestamp; on "cuda" also the GPU and
+    the CUDA, Triton and flash-attn versions."""
     import torch
 
-    return {
+    env: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "cpu_model": _cpu_model(),
@@ -201,6 +342,39 @@ def environment() -> dict[str, Any]:
         "git_commit": git_commit(),
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+        }
+        env["cuda"] = torch.version.cuda
+        env["triton"] = _optional_version("triton")
+        env["flash_attn"] = _optional_version("flash_attn")
+    return env
+
+
+def _optional_version(module: str) -> str | None:
+    """The version of an optional package, None when it is not installed."""
+    import importlib
+
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+    except ImportError:
+        return None
+
+
+def slug(name: str) -> str:
+    """``name`` in lower case with every run of other characters than letters and digits as one '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def default_json_path(stem: str, quick: bool = False) -> Path:
+    """``bench/results/<stem>-<UTC date>[-quick].json``."""
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    return Path("bench") / "results" / f"{stem}-{date}{'-quick' if quick else ''}.json"
 
 
 def short_error(exc: BaseException, limit: int = 200) -> str:

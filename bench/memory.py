@@ -1,4 +1,4 @@
-"""Peak extra resident memory (RSS) of a callable, on Linux.
+"""Peak extra memory of a callable: resident memory (RSS) on Linux, the CUDA allocator's peak on GPU.
 
 Method: collect garbage and return freed heap pages to the OS (``malloc_trim``), read ``VmRSS``,
 reset the high-water mark by writing "5" to ``/proc/self/clear_refs``, call the function, read
@@ -82,3 +82,16 @@ def peak_extra_rss(fn: Callable[[], Any]) -> tuple[Any, int | None]:
     if peak is None:
         return result, None
     return result, max(0, peak - before) * 1024
+
+
+def peak_extra_cuda(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Call ``fn()`` on the current CUDA device and return ``(result, peak_extra_bytes)``: the caching
+    allocator's high-water mark during the call above what was allocated before it (output included)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, max(0, torch.cuda.max_memory_allocated() - before)

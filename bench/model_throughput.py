@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from . import harness
+from .checks import CHECK_SEED
 from .generation import forward_density, layer_calls
-from .throughput import CHECK_SEED
 
 Progress = Callable[[str], None]
 CHECK_HEAD_DIM = 64

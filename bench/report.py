@@ -7,40 +7,34 @@ import re
 from pathlib import Path
 from typing import Any
 
-START, END = "<!-- bench-table -->", "<!-- /bench-table -->"
-OPS = {
-    "sdpa": "dense SDPA",
-    "block_sparse_attention": "sparse",
-    "token_sparse_attention": "token",
-    "flex_attention": "flex",
-}
-
-
-def _cell(x: Any, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
+from . import schema, table
 
 
 def markdown_summary(result: dict[str, Any]) -> str:
-    """Prefill and decode tables (every measured row with status ok) plus the goal verdicts."""
+    """A throughput result of any device and schema version: every row, where a content-based decode
+    step's time goes, the goal verdicts and the full-model rows."""
+    result = schema.upgrade(result)
     env = result["env"]
     shape = result["config"]["shape"]
-    lines = [
-        f"Measured on {env['machine']['cpu_model']} ({env['machine']['torch_threads']} threads), torch {env['torch']}, "
-        f"commit `{env['git_commit'][:12]}`, {env['timestamp_utc']}; B={shape['B']}, Hq={shape['Hq']}, "
-        f"Hkv={shape['Hkv']}, D={shape['D']}, {shape['dtype']}, block {shape['block_size']}. "
-        "Speedup is dense time / method time in the same run; mem is peak extra RSS / bytes of q, k, v.",
-        "",
-        "| mode | length | op | method | pattern | density | p50 ms | speedup | mem |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        p50 = r["time_ms"]["p50"] if r.get("time_ms") else None
-        status = "" if r["status"] == "ok" else f" ({r['status'].split(':')[0]})"
-        lines.append(
-            f"| {r['mode']} | {r['length']} | {OPS.get(r['op'], r['op'])} | {r['method']} | {r.get('label', '')}{status} "
-            f"| {_cell(r['density'], '.3f')} | {_cell(p50, '.2f')} | {_cell(r['speedup_vs_dense'], '.2f')} "
-            f"| {_cell(r.get('peak_extra_mem_ratio'), '.2f')} |"
+    cols = {c.header for c in table.columns(result["rows"])}
+    batches = result["config"].get("decode_batches") or [1]
+    notes = ["Speedup is dense time / method time in the same run"]
+    if "mem" in cols:
+        memory = "CUDA memory" if result["device"] == "cuda" else "RSS"
+        notes.append(f"mem is peak extra {memory} / bytes of q, k, v")
+    if "GB/s" in cols:
+        notes.append(
+            "GB/s is the bytes a row must read / its device time (of copy: / a device-to-device copy's)"
         )
+    lines = [
+        f"Measured on {table.machine(env)}, torch {env['torch']}, commit `{env['git_commit'][:12]}`, "
+        f"{env['timestamp_utc']}; B={shape['B']}{'' if batches == [1] else f' (decode B={batches})'}, "
+        f"Hq={shape['Hq']}, Hkv={shape['Hkv']}, D={shape['D']}, {shape['dtype']}, block {shape['block_size']}. "
+        + "; ".join(notes)
+        + ".",
+        "",
+        *table.markdown_rows(result),
+    ]
     parts = [r for r in result["rows"] if r.get("breakdown_ms") and r["status"] == "ok"]
     if parts:
         lines += [
@@ -54,10 +48,7 @@ def markdown_summary(result: dict[str, Any]) -> str:
             + f" (whole step {r['time_ms']['p50']:.2f})"
             for r in parts
         ]
-    lines += ["", "| goal | threshold | worst row | met |", "|---|---:|---:|---|"]
-    for g in result["goals"].values():
-        met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
-        lines.append(f"| {g['description']} | {g['threshold']} | {_cell(g.get('value'), '.2f')} | {met} |")
+    lines += ["", *table.markdown_goals(result)]
     if result.get("model"):
         lines += ["", *_model_table(result["model"])]
     return "\n".join(lines)
@@ -76,9 +67,9 @@ def _model_table(model: dict[str, Any]) -> list[str]:
     for r in model["rows"]:
         name = r["method"] if r["status"] == "ok" else f"{r['method']} ({r['status'].split(':')[0]})"
         lines.append(
-            f"| {r['length']} | {name} | {_cell(r.get('density'), '.2f')} | {_cell(r.get('prefill_s'), '.2f')} "
-            f"| {_cell(r.get('prefill_speedup'), '.2f')} | {_cell(r.get('decode_ms_per_token'), '.1f')} "
-            f"| {_cell(r.get('decode_speedup'), '.2f')} |"
+            f"| {r['length']} | {name} | {table.cell(r.get('density'), '.2f')} | {table.cell(r.get('prefill_s'), '.2f')} "
+            f"| {table.cell(r.get('prefill_speedup'), '.2f')} | {table.cell(r.get('decode_ms_per_token'), '.1f')} "
+            f"| {table.cell(r.get('decode_speedup'), '.2f')} |"
         )
     return lines
 

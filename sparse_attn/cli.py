@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU kernel benchmark: Triton prefill and decode vs SDPA / FlexAttention (needs CUDA)",
         description="Triton block-sparse prefill (8k-128k, Llama-3-8B-like heads, bf16) against SDPA, "
         "FlexAttention with the same BlockMask and flash-attn when installed; Triton sparse decode "
-        "(32k-256k caches) against SDPA decode. Writes JSON under bench/results/.",
+        "(32k-256k caches) against SDPA decode, and the CPU benchmark's method rows, in one JSON "
+        "under bench/results/ (the same schema as `bench throughput`).",
     )
     kp.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     kp.add_argument("--lengths", type=_length_list, default=None, metavar="8k,32k", help="prefill lengths")
@@ -422,25 +423,20 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("sparse-attn bench kernels needs a CUDA GPU (none is visible)", file=sys.stderr)
         return 2
-    prefill = _import_bench("kernels")
-    decode = _import_bench("kernels_decode")
-    result = prefill.run_kernels(
-        lengths=args.lengths, quick=args.quick, flex=not args.no_flex, log=lambda m: print(m, file=sys.stderr)
+    kernels = _import_bench("kernels")
+    result = kernels.run_kernels(
+        lengths=args.lengths,
+        decode_lengths=args.decode_lengths,
+        quick=args.quick,
+        flex=not args.no_flex,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
     )
     path = _import_bench("harness").write_json(
-        result, prefill.default_json_path(args.quick, gpu_name=result["device"])
+        result, kernels.default_json_path(result["env"]["gpu"]["name"], args.quick)
     )
-    print(prefill.format_table(result))
+    print(_import_bench("table").format_table(result))
     print(f"wrote {path}")
-    gpu = torch.cuda.get_device_name()
-    dec = decode.run_decode(
-        args.quick,
-        lengths=args.decode_lengths,
-        json_path=str(decode.default_json_path(gpu, args.quick)),
-    )
-    print(decode.format_table(dec))
-    failed = prefill.has_failures(result) or any(r["status"] != "ok" for r in dec["rows"])
-    return 1 if failed else 0
+    return 1 if _import_bench("schema").has_failures(result) else 0
 
 
 def _cmd_bench_report(args: argparse.Namespace) -> int:
@@ -484,7 +480,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         prefill=not args.decode_only,
     )
     json_path = args.json or throughput.default_json_path(args.quick)
-    print(throughput.format_table(result))
+    print(_import_bench("table").format_table(result))
     if args.model:
         accuracy = _import_bench("accuracy")
         model_throughput = _import_bench("model_throughput")
@@ -503,7 +499,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     path = _import_bench("harness").write_json(result, json_path)
     print(f"wrote {path}")
     model_failed = any(r.get("status") != "ok" for r in result.get("model", {}).get("rows", []))
-    if throughput.has_failures(result) or model_failed:
+    if _import_bench("schema").has_failures(result) or model_failed:
         print(
             "some methods failed their correctness check or errored: see the status column", file=sys.stderr
         )

@@ -18,10 +18,13 @@ TINY = ["bench", "throughput", "--quick", "--lengths", "256", "--decode-lengths"
 ROW_FIELDS = (
     "op",
     "method",
+    "label",
     "params",
     "mode",
+    "length",
     "shape",
     "density",
+    "target_density",
     "time_ms",
     "speedup_vs_dense",
     "peak_extra_mem_bytes",
@@ -64,7 +67,7 @@ def test_quick_run_writes_the_fixed_schema(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "speedup" in printed and "p50 ms" in printed
 
-    assert doc["schema_version"] == 1 and doc["benchmark"] == "throughput" and doc["device"] == "cpu"
+    assert doc["schema_version"] == 2 and doc["benchmark"] == "throughput" and doc["device"] == "cpu"
     env = doc["env"]
     for key in ("machine", "python", "torch", "sparse_attn", "git_commit", "timestamp_utc"):
         assert env[key], key
@@ -119,7 +122,7 @@ def test_decode_only_times_the_dynamic_methods_with_their_selection(tmp_path):
     quest = dyn["quest"]
     assert quest["check"]["checks"]["side_store_steps_equal_full_build"]["ok"]
     # consecutive decode steps ending at the cache length, the store only extended
-    steps = _bench_module("throughput").BREAKDOWN_STEPS
+    steps = _bench_module("runner").BREAKDOWN_STEPS
     assert quest["kv_lens_timed"][1] == 512 - steps and quest["side_rebuilds_while_timed"] == 0
     assert set(quest["breakdown_ms"]) == {
         "side-data store update",
@@ -132,16 +135,16 @@ def test_decode_only_times_the_dynamic_methods_with_their_selection(tmp_path):
 
 
 def test_quest_goal_is_judged_on_the_64k_quest_row():
-    throughput = _bench_module("throughput")
+    goals = _bench_module("goals")
 
     def row(method, speedup, length=65536):
         return {"mode": "decode", "length": length, "op": "token_sparse_attention", "method": method,
                 "target_density": 0.05, "density": 0.05, "speedup_vs_dense": speedup, "status": "ok"}  # fmt: skip
 
-    goals = throughput.evaluate_goals([row("topk", 0.5), row("quest", 4.2), row("quest", 1.0, 32768)])
-    g = goals["quest_decode_64k_5pct_speedup"]
+    judged = goals.cpu_goals([row("topk", 0.5), row("quest", 4.2), row("quest", 1.0, 32768)])
+    g = judged["quest_decode_64k_5pct_speedup"]
     assert g["met"] is True and g["value"] == 4.2 and [r["method"] for r in g["rows"]] == ["quest"]
-    g = throughput.evaluate_goals([row("quest", 3.9)])["quest_decode_64k_5pct_speedup"]
+    g = goals.cpu_goals([row("quest", 3.9)])["quest_decode_64k_5pct_speedup"]
     assert g["met"] is False
 
 
@@ -171,9 +174,8 @@ def test_layout_to_block_mask_matches_the_reference():
 
     from sparse_attn.reference import reference_attention
 
-    tp = _bench_module("throughput")
     n = 200
-    q, k, v = tp._qkv(n, n, 7)
+    q, k, v = _bench_module("throughput").cpu_device(1, None).qkv(1, n, n, 7)
     methods = [
         sparse_attn.SinkLocal(sink_tokens=4, window_tokens=37, block_size=64),
         sparse_attn.S2(block_size=64, local_blocks=1, vert_stride=2),
@@ -207,7 +209,8 @@ def test_cli_import_is_silent_and_lazy():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     code = (
         "import sys, sparse_attn.cli; "
-        "assert not [m for m in sys.modules if m.endswith(('bench.throughput', 'bench.harness'))]"
+        "assert not [m for m in sys.modules if m.endswith(('bench.throughput', 'bench.harness', 'bench.runner', "
+        "'bench.kernels'))]"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
