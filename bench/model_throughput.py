@@ -31,8 +31,11 @@ WARMUP_TOKENS = 64
 def self_check(method: Any, num_heads: int, num_kv_heads: int, layers: int = 1) -> dict[str, Any]:
     """The quick correctness check a method must pass before its speed is reported: the kernels'
     output at the model's head counts, for each of the first ``layers`` layers, against float64
-    dense attention with the method's own mask."""
+    dense attention with the method's own mask. A content-based (dynamic) layer is checked at a
+    decode step, the one its selection runs in: the last query against float64 attention over the
+    keys ``sparse_attn.select`` reports (its prefill is its static ``prefill`` method, or dense)."""
     import sparse_attn
+    from sparse_attn.planning import dynamic_of
     from sparse_attn.reference import reference_attention
 
     n = CHECK_LEN
@@ -40,19 +43,27 @@ def self_check(method: Any, num_heads: int, num_kv_heads: int, layers: int = 1) 
     q = torch.randn(1, num_heads, n, CHECK_HEAD_DIM, generator=gen)
     k = torch.randn(1, num_kv_heads, n, CHECK_HEAD_DIM, generator=gen)
     v = torch.randn(1, num_kv_heads, n, CHECK_HEAD_DIM, generator=gen)
-    if isinstance(method, sparse_attn.StaticMethod):
+    if isinstance(method, (sparse_attn.StaticMethod, sparse_attn.DynamicMethod)):
         method = sparse_attn.SparseAttentionConfig(default=method)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     err = 0.0
     try:
         for layer in range(layers):
             methods = method.methods_for_layer(layer, num_heads)
-            heads = [
-                causal if m is None else m.mask(n, n, num_heads, num_kv_heads)[h]
-                for h, m in enumerate(methods)
-            ]
-            ref, _ = reference_attention(q.double(), k.double(), v.double(), torch.stack(heads)[None])
-            out = sparse_attn.sparse_attention(q, k, v, method, layer_idx=layer)
+            dynamic = dynamic_of(methods)
+            if dynamic is not None:
+                q1 = q[:, :, -1:]
+                chosen = sparse_attn.select(dynamic, q1, k).to_dense_mask(n)  # [1, Hs, n]
+                mask = chosen.repeat_interleave(num_heads // chosen.shape[1], dim=1)[:, :, None]
+                ref, _ = reference_attention(q1.double(), k.double(), v.double(), mask)
+                out = sparse_attn.sparse_attention(q1, k, v, method, layer_idx=layer)
+            else:
+                heads = [
+                    causal if m is None else m.mask(n, n, num_heads, num_kv_heads)[h]
+                    for h, m in enumerate(methods)
+                ]
+                ref, _ = reference_attention(q.double(), k.double(), v.double(), torch.stack(heads)[None])
+                out = sparse_attn.sparse_attention(q, k, v, method, layer_idx=layer)
             err = max(err, float((out.double() - ref).abs().max()))
     except Exception as exc:  # a method that cannot even run fails its check, with the reason
         return {"ok": False, "error": harness.short_error(exc)}

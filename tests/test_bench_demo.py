@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from typing import ClassVar
 
 import pytest
 from hf_models import build
 
+import sparse_attn as sa
 from sparse_attn import SinkLocal
 from sparse_attn.bench import demo, model_throughput
+from sparse_attn.methods.dynamic import mask_to_selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,33 @@ def test_self_check_passes_every_demo_method_at_smollm2_heads() -> None:
 
 def test_self_check_catches_a_wrong_kernel_plan() -> None:
     check = model_throughput.self_check(_Misplanned(sink_tokens=4, window_tokens=256, block_size=64), 4, 2)
+    assert not check["ok"]
+    assert check["max_abs_err"] > 100 * check["tol"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unfaithful(sa.Quest):
+    """Attends other keys than it reports: every second selection is the complement of the one before."""
+
+    calls: ClassVar[list[int]] = [0]
+
+    def select_decode(self, q, k, side, kv_lens, q_lens, scale, causal, backend="torch"):
+        sel = super().select_decode(q, k, side, kv_lens, q_lens, scale, causal, backend)
+        self.calls[0] += 1
+        if self.calls[0] % 2:
+            return sel
+        others = ~sel.to_dense_mask(int(kv_lens.max()))
+        return mask_to_selection(others)
+
+
+@pytest.mark.parametrize("method", [sa.TopK(density=0.05), sa.Quest(density=0.05)], ids=["topk", "quest"])
+def test_self_check_passes_the_dynamic_methods_at_a_decode_step(method) -> None:
+    check = model_throughput.self_check(method, 9, 3, layers=2)
+    assert check["ok"], check
+
+
+def test_self_check_catches_a_dynamic_method_attending_other_keys() -> None:
+    check = model_throughput.self_check(_Unfaithful(density=0.05), 9, 3)
     assert not check["ok"]
     assert check["max_abs_err"] > 100 * check["tol"]
 
