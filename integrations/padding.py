@@ -121,6 +121,10 @@ def read_mask(
     if mask is None:
         if causal and q_len > kv_len:
             return "more_queries_than_keys"
+        if causal and 1 < q_len < kv_len:
+            # HF skips the mask only where SDPA's is_causal (top-left aligned) is exact: a static
+            # cache's first prefill, whose keys past the prompt are empty slots. Query i sees keys 0..i.
+            return plain_spans(batch, q_len, q_len, causal)
         return plain_spans(batch, q_len, kv_len, causal)
     if mask.shape[0] != batch or mask.shape[-2] != q_len or mask.shape[-1] != kv_len:
         return "mask_shape"

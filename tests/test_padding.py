@@ -104,10 +104,18 @@ def test_non_causal_right_padding(pads) -> None:
     assert not spans.shifted
 
 
-def test_none_mask_is_plain() -> None:
+def test_none_mask_means_what_sdpa_does_without_one() -> None:
+    # one query: every key (HF calls SDPA with is_causal=False)
+    spans = read_mask(None, 2, 1, 10, causal=True)
+    assert isinstance(spans, RowSpans)
+    assert spans.q_lens.tolist() == [1, 1] and spans.kv_lens.tolist() == [10, 10] and not spans.shifted
+    # several queries: SDPA's is_causal is top-left, so keys past the last query are unused (a static
+    # cache's empty slots): query i sees keys 0..i
     spans = read_mask(None, 2, 3, 10, causal=True)
     assert isinstance(spans, RowSpans)
-    assert spans.q_lens.tolist() == [3, 3] and spans.kv_lens.tolist() == [10, 10] and not spans.shifted
+    assert spans.q_lens.tolist() == [3, 3] and spans.kv_lens.tolist() == [3, 3] and not spans.shifted
+    spans = read_mask(None, 1, 4, 6, causal=False)
+    assert isinstance(spans, RowSpans) and spans.kv_lens.tolist() == [6]
     assert read_mask(None, 1, 5, 3, causal=True) == "more_queries_than_keys"
 
 
