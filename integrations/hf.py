@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..api import block_sparse_attention, run_token_selection, select_backend
+from ..api import block_sparse_attention, run_layout, run_token_selection, select_backend
 from ..block_layout import BlockLayout
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
@@ -101,6 +101,8 @@ class LayerState:
 
     calls: int = 0
     sparse_calls: int = 0
+    dense_crossovers: int = 0
+    last_dense: bool = False
     last_layout: BlockLayout | None = None
     last_selection: TokenSelection | None = None
     last_kv_lens: torch.Tensor | None = None
@@ -108,7 +110,10 @@ class LayerState:
     data: dict[str, Any] = field(default_factory=dict)
 
     def density(self) -> float | None:
-        """Measured density of the last sparse call: its selection's, else its layout's."""
+        """Measured density of the last call: 1 when it crossed over to dense, else its selection's,
+        else its layout's."""
+        if self.last_dense:
+            return 1.0
         if self.last_selection is not None and self.last_kv_lens is not None:
             return self.last_selection.density(self.last_kv_lens)
         return None if self.last_layout is None else self.last_layout.density()
@@ -138,6 +143,7 @@ class SparsePatch:
         self.active = False
         self._plans: OrderedDict[tuple[Any, ...], BlockLayout] = OrderedDict()
         self._masks: OrderedDict[tuple[Any, ...], tuple[Any, Any, RowSpans | str]] = OrderedDict()
+        self._backends: dict[tuple[torch.device, torch.dtype], str] = {}
 
     # context manager --------------------------------------------------------------------------------
     def __enter__(self) -> SparsePatch:
@@ -155,10 +161,12 @@ class SparsePatch:
             "dense_calls": self.calls["dense"],
             "fallbacks": self.fallbacks.counts(),
             "prefill_by_design": self.calls["prefill_by_design"],
+            "dense_crossover": self.calls["dense_crossover"],
             "layers": {
                 i: {
                     "calls": s.calls,
                     "sparse_calls": s.sparse_calls,
+                    "dense_crossovers": s.dense_crossovers,
                     "density": s.density(),
                     **({} if s.store is None else {"side_rebuilds": s.store.rebuilds}),
                 }
@@ -195,13 +203,13 @@ class SparsePatch:
         spans = self._spans(attention_mask, query, key, causal, window, kwargs.get("position_ids"))
         if isinstance(spans, str):
             return self._fallback(spans, module, query, key, value, attention_mask, dropout, scaling, kwargs)
-        if int(spans.kv_lens.max()) < self.config.min_seq_len:
+        if spans.max_kv_len < self.config.min_seq_len:
             return self._fallback(
                 "min_seq_len", module, query, key, value, attention_mask, dropout, scaling, kwargs
             )
         dynamic = dynamic_of(methods)
         if dynamic is not None:
-            if window is not None and int(spans.kv_lens.max()) > window:
+            if window is not None and spans.max_kv_len > window:
                 return self._fallback(
                     "dynamic_window", module, query, key, value, attention_mask, dropout, scaling, kwargs
                 )
@@ -216,13 +224,17 @@ class SparsePatch:
             return self._fallback(
                 "sink_outside_window", module, query, key, value, attention_mask, dropout, scaling, kwargs
             )
+        if query.shape[2] == 1 and self._crosses_over(layout.decode_selection().counts, spans.kv_lens):
+            return self._dense_crossover(state, module, query, key, value, attention_mask, dropout, scaling, kwargs)
         q, k, v = spans.to_right_padded(query, key, value)
-        out = block_sparse_attention(q, k, v, layout, scale=scaling)
+        # the layout was planned (and validated) for these spans: no second check per layer
+        sc = check_scale(scaling, query.shape[-1])
+        out = run_layout(q, k, v, layout, sc, False, self._backend(query))
         assert isinstance(out, torch.Tensor)
         out = spans.from_right_padded(out, query.shape[2])
         self.calls["sparse"] += 1
         state.sparse_calls += 1
-        state.last_layout = layout
+        state.last_layout, state.last_dense = layout, False
         return out.transpose(1, 2).contiguous(), None
 
     def _attend_dynamic(
@@ -237,12 +249,16 @@ class SparsePatch:
         keys; prefill runs the method's prefill selector, its static ``prefill`` method or the model's
         own attention (dense by design, counted as ``prefill_by_design``, not as a fallback)."""
         _, query, key, value, _, _, scaling, _ = args
+        decode = query.shape[2] == 1
+        if decode and self._crosses_over(method.budget(spans.kv_lens)[:, None], spans.kv_lens):
+            # the side data is left as it is: the first sparse step finds it stale and rebuilds it
+            return self._dense_crossover(state, *args)
         sc = check_scale(scaling, query.shape[-1])
-        backend = select_backend("auto", query.device, query.dtype)
+        backend = self._backend(query)
         q, k, v = spans.to_right_padded(query, key, value)
         if state.store is None or state.store.method != method:
             state.store = ContiguousSideStore(method)
-        decode = query.shape[2] == 1
+        state.last_dense = False
         if decode:
             side = state.store.update(k, spans.kv_lens, new_tokens=1)
             keys = k if method.needs_keys else None
@@ -268,6 +284,30 @@ class SparsePatch:
         self.calls["sparse"] += 1
         state.sparse_calls += 1
         return out.transpose(1, 2).contiguous(), None
+
+    def _backend(self, query: torch.Tensor) -> str:
+        """The kernel family for this device and dtype, chosen once per patch (SPARSE_ATTN_BACKEND is
+        read when a patch first meets them)."""
+        key = (query.device, query.dtype)
+        chosen = self._backends.get(key)
+        if chosen is None:
+            chosen = self._backends[key] = select_backend("auto", query.device, query.dtype)
+        return chosen
+
+    def _crosses_over(self, kept: torch.Tensor, kv_lens: torch.Tensor) -> bool:
+        """Whether a decode step keeping ``kept`` [B, H] of ``kv_lens`` [B] keys runs dense instead:
+        the batch's selected keys (its busiest head per row) above ``dense_above`` of its keys."""
+        limit = self.config.dense_above
+        if limit is None or self.strict:
+            return False
+        total = int(kv_lens.sum())
+        return total > 0 and int(kept.amax(dim=1).sum()) > limit * total
+
+    def _dense_crossover(self, state: LayerState, *args: Any) -> tuple[torch.Tensor, Any]:
+        self.calls["dense_crossover"] += 1
+        state.dense_crossovers += 1
+        state.last_dense = True
+        return self._original(*args)
 
     def _layer_of(self, module: torch.nn.Module) -> int:
         layer_idx = getattr(module, "layer_idx", None)
@@ -312,10 +352,7 @@ class SparsePatch:
         causal: bool,
         device: torch.device,
     ) -> BlockLayout:
-        key = (
-            tuple(methods), num_kv_heads, causal, str(device),
-            tuple(spans.q_lens.tolist()), tuple(spans.kv_lens.tolist()),
-        )
+        key = (tuple(methods), num_kv_heads, causal, device, spans.lengths_key)
         layout = self._plans.get(key)
         if layout is not None:
             self._plans.move_to_end(key)

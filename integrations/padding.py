@@ -15,6 +15,7 @@ Everything here is plain torch; nothing imports transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -34,10 +35,20 @@ class RowSpans:
     q_lens: torch.Tensor
     kv_lens: torch.Tensor
 
-    @property
+    @cached_property
     def shifted(self) -> bool:
         """Whether some row's tokens do not start at index 0 (left padding): a gather is needed."""
         return bool(self.key_start.any()) or bool(self.q_start.any())
+
+    @cached_property
+    def lengths_key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(q_lens, kv_lens) as Python tuples: a cache key (spans are read once per forward and shared
+        by its layers, so this is computed once too)."""
+        return tuple(self.q_lens.tolist()), tuple(self.kv_lens.tolist())
+
+    @cached_property
+    def max_kv_len(self) -> int:
+        return max(self.lengths_key[1], default=0)
 
     def to_right_padded(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

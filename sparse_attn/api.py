@@ -62,7 +62,7 @@ def _triton(module: str):
     return importlib.import_module(f"sparse_attn.triton_kernels.{module}")
 
 
-def _run_layout(
+def run_layout(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -73,7 +73,9 @@ def _run_layout(
     block_table: torch.Tensor | None = None,
     page_size: int | None = None,
 ) -> Result:
-    """Run a layout; with ``block_table``/``page_size`` (triton only) k/v are paged caches."""
+    """Run a layout whose inputs were already checked (``block_sparse_attention`` is the public entry;
+    this is the step the integrations call once per layer, with a layout they planned and validated
+    for these shapes); with ``block_table``/``page_size`` (triton only) k/v are paged caches."""
     if backend == "triton":
         lay = layout.to(q.device)
         out, lse = _triton("block_sparse_fwd").block_sparse_fwd(
@@ -130,7 +132,7 @@ def _dense(
             q, k, v, is_causal=causal and shape.q_len > 1, scale=scale, enable_gqa=shape.group > 1
         )
     layout = Dense().plan(q_lens, kv_lens, shape.num_heads, shape.num_kv_heads, causal=causal)
-    return _run_layout(q, k, v, layout, scale, return_lse, backend)
+    return run_layout(q, k, v, layout, scale, return_lse, backend)
 
 
 def sparse_attention(
@@ -183,7 +185,7 @@ def sparse_attention(
         layout = plan_heads(methods, ql, kvl, shape.num_kv_heads, causal)
     if layout is None:
         return _dense(q, k, v, shape, ql, kvl, causal, sc, return_lse, chosen)
-    return _run_layout(q, k, v, layout, sc, return_lse, chosen)
+    return run_layout(q, k, v, layout, sc, return_lse, chosen)
 
 
 def select(
@@ -268,7 +270,7 @@ def block_sparse_attention(
     layout.validate()
     layout.check_fits(shape.batch, shape.q_len, shape.kv_len, shape.num_heads, shape.num_kv_heads)
     chosen = select_backend(backend, q.device, q.dtype)
-    return _run_layout(q, k, v, layout, sc, return_lse, chosen)
+    return run_layout(q, k, v, layout, sc, return_lse, chosen)
 
 
 def token_sparse_attention(

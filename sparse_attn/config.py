@@ -42,6 +42,12 @@ class SparseAttentionConfig:
     Resolution for (layer, head): a ``heads`` override, else a ``layers`` override, else dense when the
     layer is in ``dense_layers``, else ``default``. None means dense. Sequences shorter than
     ``min_seq_len`` keys run dense and count as a fallback; ``strict`` turns fallbacks into errors.
+
+    ``dense_above`` is the decode crossover of the Hugging Face patch: a decode step whose plan keeps
+    more than this fraction of a row's keys (a static layout's keys, a dynamic method's budget) runs
+    the model's dense attention instead. It is exact (dense attends a superset) and, at such a
+    density, faster: a gather over half the keys costs about what dense attention over all of them
+    does. Counted per layer (``dense_crossover`` in ``stats``), never in strict mode, None: never.
     """
 
     default: Method | None = None
@@ -51,6 +57,7 @@ class SparseAttentionConfig:
     min_seq_len: int = 0
     strict: bool = False
     num_layers: int | None = None
+    dense_above: float | None = None
 
     def __post_init__(self) -> None:
         n = self.num_layers
@@ -84,6 +91,9 @@ class SparseAttentionConfig:
             raise ConfigError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
         if not isinstance(self.strict, bool):
             raise ConfigError(f"strict must be a bool, got {self.strict!r}")
+        d = self.dense_above
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0):
+            raise ConfigError(f"dense_above must be a fraction in (0, 1] or None, got {d!r}")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "dense_layers", dense)
@@ -132,6 +142,7 @@ class SparseAttentionConfig:
             "min_seq_len": self.min_seq_len,
             "strict": self.strict,
             "num_layers": self.num_layers,
+            "dense_above": self.dense_above,
         }
 
     @classmethod
@@ -150,6 +161,7 @@ class SparseAttentionConfig:
             "min_seq_len",
             "strict",
             "num_layers",
+            "dense_above",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -173,6 +185,7 @@ class SparseAttentionConfig:
             min_seq_len=data.get("min_seq_len", 0),
             strict=data.get("strict", False),
             num_layers=data.get("num_layers"),
+            dense_above=data.get("dense_above"),
         )
 
     def to_json(self, **kwargs: Any) -> str:

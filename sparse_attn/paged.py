@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import _run_layout, select_backend
+from .api import run_layout, select_backend
 from .block_layout import BlockLayout
 from .errors import LayoutError, ShapeError
 from .kernels.token_decode import paged_token_sparse_attention_torch
@@ -80,10 +80,10 @@ def paged_block_sparse_attention(
     sc = check_scale(scale, q.shape[-1])
     chosen = select_backend(backend, q.device, q.dtype)
     if chosen == "triton":
-        return _run_layout(q, key_cache, value_cache, layout, sc, False, chosen, block_table, page_size)
+        return run_layout(q, key_cache, value_cache, layout, sc, False, chosen, block_table, page_size)
     k = gather_rows(key_cache, block_table, layout.kv_lens)
     v = gather_rows(value_cache, block_table, layout.kv_lens)
-    return _run_layout(q, k, v, layout, sc, False, chosen)
+    return run_layout(q, k, v, layout, sc, False, chosen)
 
 
 def paged_token_sparse_attention(
