@@ -88,9 +88,11 @@ def run(
     flex: bool | None = None,
     log: Callable[[str], None] | None = None,
     prefill: bool = True,
+    decode: bool = True,
 ) -> dict[str, Any]:
     """Run the CPU benchmark and return the result document (rows, goals, environment);
-    ``prefill=False`` runs the decode cases only."""
+    ``prefill=False`` / ``decode=False`` leave out the prefill / decode cases (both: no kernel rows,
+    for a full-model-only run)."""
     torch.set_num_threads(threads or DEFAULT_THREADS)
     options = runner.Options(
         prefill_lengths=(
@@ -98,8 +100,11 @@ def run(
         )
         if prefill
         else (),
-        decode_lengths=tuple(decode_lengths or ())
-        or (QUICK_DECODE_LENGTHS if quick else DEFAULT_DECODE_LENGTHS),
+        decode_lengths=(
+            tuple(decode_lengths or ()) or (QUICK_DECODE_LENGTHS if quick else DEFAULT_DECODE_LENGTHS)
+        )
+        if decode
+        else (),
         check_lengths=CHECK_LENGTHS,
         flex=(not quick) if flex is None else flex,
         quick=quick,

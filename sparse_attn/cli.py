@@ -1,7 +1,7 @@
 """The ``sparse-attn`` command line.
 
     sparse-attn bench throughput [--quick] [--lengths 4k,16k,32k] [--decode-lengths 16k,32k,64k]
-                                 [--model smollm2|DIR --model-lengths 1k,2k,4k --model-methods ...]
+                                 [--model smollm2|DIR --model-lengths 1k,2k,4k --model-methods ... [--model-only]]
     sparse-attn bench kernels [--quick] [--lengths 8k,32k] [--decode-lengths 32k,256k] [--no-flex]
     sparse-attn demo [--quick] [--out DIR]
     sparse-attn bench accuracy [--model smollm2|DIR] [--methods dense,s2,topk,quest,...]
@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-only",
         action="store_true",
         help="run only the decode cases (dense, static, random-token, TopK and Quest rows)",
+    )
+    tp.add_argument(
+        "--model-only",
+        action="store_true",
+        help="no kernel rows: only the whole-model rows of --model (which it requires)",
     )
     tp.add_argument(
         "--json",
@@ -465,6 +470,9 @@ def _import_bench(name: str):
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     throughput = _import_bench("throughput")
+    if args.model_only and not args.model:
+        print("error: --model-only needs --model smollm2|DIR", file=sys.stderr)
+        return 2
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -477,7 +485,8 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         threads=args.threads,
         flex=args.flex,
         log=log,
-        prefill=not args.decode_only,
+        prefill=not (args.decode_only or args.model_only),
+        decode=not args.model_only,
     )
     json_path = args.json or throughput.default_json_path(args.quick)
     print(_import_bench("table").format_table(result))

@@ -182,3 +182,19 @@ def test_bench_throughput_cli_adds_full_model_rows(tiny_checkpoint, tmp_path, ca
     assert result["rows"], "the kernel rows are still there"
     assert (tmp_path / "tp-model-speedup.png").stat().st_size > 0
     assert "a_shape" in capsys.readouterr().out
+
+
+def test_bench_throughput_model_only_has_no_kernel_rows(tiny_checkpoint, tmp_path, capsys) -> None:
+    from sparse_attn.bench import report
+    from sparse_attn.cli import main
+
+    path = tmp_path / "tp.json"
+    args = ["--model", str(tiny_checkpoint), "--model-lengths", "128", "--model-methods", "dense,a_shape"]
+    code = main(["bench", "throughput", "--model-only", *args, "--model-repeats", "1", "--json", str(path)])
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert result["rows"] == []
+    assert {r["method"] for r in result["model"]["rows"]} == {"dense", "a_shape"}
+    assert "Full model" in report.markdown_summary(result)
+    assert main(["bench", "throughput", "--model-only", "--json", str(path)]) == 2
+    assert "--model-only needs --model" in capsys.readouterr().err
