@@ -18,6 +18,10 @@ GOAL_PREFILL = {"length": 16384, "target_density": 0.10, "min_speedup": 5.0}
 GOAL_DECODE = {"length": 65536, "target_density": 1.0 / 16, "min_speedup": 8.0}
 GOAL_QUEST = {"length": 65536, "target_density": 0.05, "min_speedup": 4.0}
 GOAL_MEMORY = {"length": 32768, "max_ratio": 2.0}
+# issue 13: the CPU fast path
+GOAL_PREFILL_FAST = {"length": 16384, "target_density": 0.10, "min_speedup": 6.0}
+GOAL_PREFILL_FLEX = {"lengths": (16384, 32768), "target_density": 0.10, "min_ratio": 1.0}
+GOAL_DECODE_STEP = {"length": 8192, "target_density": 1.0 / 16, "min_speedup": 5.0}  # ~512 keys
 GPU_GOAL_MIN_LENGTH = 32768  # the Triton prefill targets apply from 32k tokens
 GPU_GOAL_FACTOR = 0.8  # Triton prefill speedup over dense flash SDPA >= 0.8 / density
 GPU_GOAL_BW_FRACTION = 0.7  # median decode bandwidth >= 0.7 of a device-to-device copy's
@@ -123,6 +127,44 @@ def cpu_goals(rows: Sequence[Row]) -> dict[str, Any]:
             SPEEDUP_FIELDS,
         ),
         "prefill_32k_extra_memory": mem_goal,
+        **fast_path_goals(rows),
+    }
+
+
+def fast_path_goals(rows: Sequence[Row]) -> dict[str, Any]:
+    """Issue 13's kernel goals: prefill at 16k/10% >= 6x dense SDPA and at least as fast as compiled
+    FlexAttention with the same mask at 16k and 32k, for every static method; one decode step over
+    ~512 selected keys of an 8k cache >= 5x dense SDPA (every static and random-key row at 1/16)."""
+    bsa, tsa = "block_sparse_attention", "token_sparse_attention"
+    flexed = [
+        r
+        for n in GOAL_PREFILL_FLEX["lengths"]
+        for r in pick(rows, "prefill", n, GOAL_PREFILL_FLEX["target_density"], (bsa,))
+    ]
+    return {
+        "prefill_16k_10pct_6x": goal(
+            "sparse prefill at 16k and ~10% density is >= 6x faster than dense SDPA, for every static method",
+            GOAL_PREFILL_FAST["min_speedup"],
+            "speedup_vs_dense",
+            pick(rows, "prefill", GOAL_PREFILL_FAST["length"], GOAL_PREFILL_FAST["target_density"], (bsa,)),
+            SPEEDUP_FIELDS,
+        ),
+        "prefill_10pct_vs_flex": goal(
+            "sparse prefill at 16k and 32k, ~10% density, is at least as fast as compiled FlexAttention "
+            "with the same block mask, for every static method",
+            GOAL_PREFILL_FLEX["min_ratio"],
+            "speedup_vs_flex",
+            flexed,
+            ("method", "length", "label", "density", "speedup_vs_flex", "status"),
+        ),
+        "decode_8k_512_keys_speedup": goal(
+            "one decode step over ~512 selected keys (1/16) of an 8k cache is >= 5x faster than dense "
+            "SDPA over the 8k keys, for every static and random-key row",
+            GOAL_DECODE_STEP["min_speedup"],
+            "speedup_vs_dense",
+            pick(rows, "decode", GOAL_DECODE_STEP["length"], GOAL_DECODE_STEP["target_density"], (bsa, tsa)),
+            SPEEDUP_FIELDS,
+        ),
     }
 
 

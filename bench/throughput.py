@@ -1,11 +1,12 @@
 """The throughput benchmark on CPU (``sparse-attn bench throughput``): the harness of
-``runner.py`` with the public ``sparse_attn`` kernels, wall-clock timing and issue 2's goals.
+``runner.py`` with the public ``sparse_attn`` kernels, wall-clock timing and the goals of issues 2 and 13.
 
 Shape: fp32, B=1, Hq=8, Hkv=2 (GQA group 4), D=64, block 64, 2 torch threads unless told otherwise —
 dense causal SDPA at 32k takes a few seconds per run on a 2-core CPU. Prefill at 4k/16k/32k: dense
 ``scaled_dot_product_attention`` against SinkLocal, S2, BlockSparse A-shape (each at ~5/10/25%)
 and MoA (~10%) through ``block_sparse_attention(q, k, v, layout)``, and FlexAttention on the ~10%
-layouts. Decode over a 16k/32k/64k cache: dense SDPA, SinkLocal and S2 planned to 1/16 of the cache,
+layouts. Decode over an 8k/16k/32k/64k cache: dense SDPA, SinkLocal and S2 planned to 1/16 of the cache
+(at 8k: ~512 keys, issue 13's per-step goal),
 ``token_sparse_attention`` over 1/16 random keys, TopK and Quest at 5% with their selection.
 
 Timing: the first call is untimed (it carries the peak-RSS probe), then up to ``DEFAULT_REPEATS``
@@ -25,7 +26,7 @@ from . import cases, goals, harness, runner
 
 HQ, HKV, HEAD_DIM, BLOCK = 8, 2, 64, 64
 DEFAULT_PREFILL_LENGTHS = (4096, 16384, 32768)
-DEFAULT_DECODE_LENGTHS = (16384, 32768, 65536)
+DEFAULT_DECODE_LENGTHS = (8192, 16384, 32768, 65536)
 QUICK_PREFILL_LENGTHS = (512,)
 QUICK_DECODE_LENGTHS = (1024,)
 DEFAULT_REPEATS = 10

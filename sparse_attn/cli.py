@@ -1,6 +1,6 @@
 """The ``sparse-attn`` command line.
 
-    sparse-attn bench throughput [--quick] [--lengths 4k,16k,32k] [--decode-lengths 16k,32k,64k]
+    sparse-attn bench throughput [--quick] [--lengths 4k,16k,32k] [--decode-lengths 8k,16k,32k,64k]
                                  [--model smollm2|DIR --model-lengths 1k,2k,4k --model-methods ... [--model-only]]
     sparse-attn bench kernels [--quick] [--lengths 8k,32k] [--decode-lengths 32k,256k] [--no-flex]
     sparse-attn demo [--quick] [--out DIR]
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-lengths",
         type=_length_list,
         default=None,
-        metavar="16k,32k,64k",
-        help="decode KV-cache lengths (default 16k,32k,64k; --quick: 1k)",
+        metavar="8k,16k,32k,64k",
+        help="decode KV-cache lengths (default 8k,16k,32k,64k; --quick: 1k)",
     )
     tp.add_argument(
         "--decode-only",

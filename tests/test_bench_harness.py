@@ -159,6 +159,28 @@ def test_cpu_goals_judge_the_rows_they_name():
     assert goals.cpu_goals(rows)["prefill_32k_extra_memory"]["met"] is None
 
 
+def test_fast_path_goals_judge_flex_at_both_lengths_and_the_8k_decode_step():
+    goals = bench("goals")
+    bsa, tsa = "block_sparse_attention", "token_sparse_attention"
+    rows = [
+        _row(bsa, "prefill", 16384, 1.0, target_density=0.1, speedup_vs_dense=6.5, speedup_vs_flex=1.2),
+        _row(bsa, "prefill", 32768, 1.0, target_density=0.1, speedup_vs_dense=7.0, speedup_vs_flex=0.9),
+        _row(bsa, "prefill", 4096, 1.0, target_density=0.1, speedup_vs_dense=2.0, speedup_vs_flex=0.5),
+        _row(bsa, "decode", 8192, 1.0, target_density=1 / 16, speedup_vs_dense=6.0, method="s2"),
+        _row(tsa, "decode", 8192, 1.0, target_density=1 / 16, speedup_vs_dense=5.5, method="token_random"),
+        _row(tsa, "decode", 16384, 1.0, target_density=1 / 16, speedup_vs_dense=1.0, method="token_random"),
+    ]
+    g = goals.fast_path_goals(rows)
+    assert g["prefill_16k_10pct_6x"]["met"] is True and g["prefill_16k_10pct_6x"]["value"] == 6.5
+    flex = g["prefill_10pct_vs_flex"]
+    assert flex["met"] is False and flex["value"] == 0.9 and len(flex["rows"]) == 2  # 4k is not judged
+    step = g["decode_8k_512_keys_speedup"]
+    assert step["met"] is True and step["value"] == 5.5 and len(step["rows"]) == 2
+    rows[1]["speedup_vs_flex"] = 1.0
+    assert goals.fast_path_goals(rows)["prefill_10pct_vs_flex"]["met"] is True
+    assert goals.fast_path_goals(rows[:1])["decode_8k_512_keys_speedup"]["met"] is None
+
+
 def test_gpu_goals_prefill_factor_flex_and_bandwidth_median():
     goals = bench("goals")
     op = "triton_block_sparse"

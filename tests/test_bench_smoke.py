@@ -35,6 +35,9 @@ GOALS = {
     "decode_64k_1of16_speedup",
     "quest_decode_64k_5pct_speedup",
     "prefill_32k_extra_memory",
+    "prefill_16k_10pct_6x",
+    "prefill_10pct_vs_flex",
+    "decode_8k_512_keys_speedup",
 }
 EXPECTED = {
     ("prefill", "sdpa", "dense"),
