@@ -277,3 +277,21 @@ def test_merge_formula():
     wa, wb = torch.exp(la64 - ref_lse)[..., None], torch.exp(lb64 - ref_lse)[..., None]
     torch.testing.assert_close(out.double(), wa * oa.double() + wb * ob.double(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(6, 2, 64), (9, 3, 96), (4, 4, 128)])
+@pytest.mark.parametrize("sel_heads", ["kv", "one"])
+def test_full_selection_without_lse_matches_oracle_and_reuses_its_rows(hq, hkv, d, sel_heads):
+    """Every slot used, one query, no weights, no lse: the fused path (a static layout's decode). The
+    same selection over a second layer's cache, then over a longer cache, must not reuse stale rows."""
+    kv_lens = (63, 40)
+    g = torch.Generator().manual_seed(hq * d)
+    heads = hkv if sel_heads == "kv" else 1
+    k_max = 17
+    idx = torch.stack([torch.randperm(kv_lens[b], generator=g)[:k_max].sort().values for b in range(2) for _ in range(heads)])
+    sel = sa.TokenSelection(indices=idx.view(2, heads, k_max), counts=torch.full((2, heads), k_max))
+    for layer, skv in enumerate((63, 63, 70)):
+        q, k, v = make_qkv(2, hq, hkv, 1, skv, d, seed=layer, kv_lens=kv_lens)
+        (ref, _), _ = _oracle(q, k, v, sel, causal=True, kv_lens=kv_lens)
+        out = sa.token_sparse_attention(q, k, v, sel, kv_lens=list(kv_lens))
+        torch.testing.assert_close(out.to(torch.float64), ref, **FP32_TOL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..token_selection import TokenSelection
 from .common import accum_dtype, head_units, softmax_av
@@ -33,10 +34,23 @@ def token_sparse_attention_torch(
     key, are 0 with lse -inf."""
     b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
 
+    def flat_rows(idx: torch.Tensor, kv_head: torch.Tensor) -> torch.Tensor:
+        base = (torch.arange(b, device=idx.device)[:, None] * hkv + kv_head[None, :]) * skv  # [B, U]
+        return (idx + base[..., None]).flatten()
+
     def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # rows of k/v flattened to [B*Hkv*Skv, D]: one index_select instead of a 3-index gather
-        base = (torch.arange(b, device=idx.device)[:, None] * hkv + kv_head[None, :]) * skv  # [B, U]
-        flat = (idx + base[..., None]).flatten()
+        if idx is selection.indices:
+            # the selection's own indices, one per KV head: every layer of a step that shares the
+            # selection (a static layout's) and the cache length reuses the flat rows
+            cache = selection.__dict__.setdefault("_flat_rows", {})
+            key = (b, hkv, skv, idx.device)
+            if key not in cache:
+                cache.clear()
+                cache[key] = flat_rows(idx, kv_head)
+            flat = cache[key]
+        else:
+            flat = flat_rows(idx, kv_head)
         k_sel = k.reshape(-1, k.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
         v_sel = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
         return k_sel, v_sel
@@ -94,13 +108,19 @@ def _grouped_decode(
     lo = int(counts.min()) if counts.numel() else km
     # every slot used (static patterns' decode, most rows): no slot mask at all
     unused = None if lo == km else torch.arange(km, device=dev) >= counts[..., None]  # [B, Hkv, km]
+    one_query = all(n == sq for n in q_lens.tolist()) and (not causal or sq == 1)
+    if unused is None and one_query and selection.log_weights is None and not need_lse:
+        # plain attention over the gathered keys: SDPA's fused kernel (GQA without repeating K/V)
+        # costs less than the matmul / softmax / matmul chain on a few hundred keys
+        k_sel, v_sel = gather(idx, torch.arange(hkv, device=dev))  # [B, Hkv, km, D]
+        out = F.scaled_dot_product_attention(q, k_sel, v_sel, scale=scale, enable_gqa=hq != hkv)
+        return out, None
     k_sel, v_sel = gather(idx if unused is None else idx.masked_fill(unused, 0), torch.arange(hkv, device=dev))
     k_sel, v_sel = k_sel.to(acc), v_sel.to(acc)  # [B, Hkv, km, D], [B, Hkv, km, Dv]
     q_sel = q.reshape(b, hkv, (hq // hkv) * sq, d).to(acc) * scale  # [B, Hkv, G*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, Hkv, G*Sq, km]
     if selection.log_weights is not None:
         scores.add_(selection.log_weights.to(dev, acc)[:, :, None, :])
-    one_query = all(n == sq for n in q_lens.tolist()) and (not causal or sq == 1)
     if one_query:
         # one real query per row at position kv_len - 1: every selected key (< kv_len) is visible
         if unused is not None:
