@@ -143,6 +143,14 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = sparse_config(vllm_config)
         self.min_seq_len = 0 if config is None else config.min_seq_len
+        if config is not None and config.dense_above is not None:
+            # vLLM's dense rows of a step are chosen by length for every layer at once; the per-layer
+            # crossover of the HF patch has no counterpart here yet
+            logger.warning(
+                "sparse_attn: dense_above=%s is applied by the Hugging Face patch only; the vLLM plugin "
+                "runs the configured methods at every density (min_seq_len still applies)",
+                config.dense_above,
+            )
 
     def build(
         self,
