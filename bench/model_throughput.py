@@ -76,14 +76,32 @@ def _prompt(vocab_size: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, length), generator=gen)
 
 
+CACHES = ("dynamic", "static")
+
+
+def _new_cache(model: Any, kind: str, max_len: int) -> Any:
+    """An empty KV cache: HF's ``DynamicCache`` (grows by concatenation: every decode step copies
+    each layer's keys and values) or a ``StaticCache`` preallocated for ``max_len`` tokens."""
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache(config=model.config)
+
+
 def _time_model(
-    model: Any, ids: torch.Tensor, decode_tokens: int, on_prefill: Callable[[], None] | None = None
+    model: Any,
+    ids: torch.Tensor,
+    decode_tokens: int,
+    on_prefill: Callable[[], None] | None = None,
+    cache: str = "dynamic",
 ) -> tuple[float, float]:
-    """(prefill seconds, decode ms per token) of one greedy run from an empty cache; ``on_prefill``
-    runs between the two (untimed)."""
+    """(prefill seconds, decode ms per token) of one greedy run from an empty ``cache`` (a kind of
+    ``CACHES``); ``on_prefill`` runs between the two (untimed)."""
     with torch.no_grad():
+        past = _new_cache(model, cache, ids.shape[1] + decode_tokens)
         t0 = time.perf_counter()
-        out = model(ids, use_cache=True, **_last_logits_only(model))
+        out = model(ids, past_key_values=past, use_cache=True, **_last_logits_only(model))
         prefill = time.perf_counter() - t0
         if on_prefill is not None:
             on_prefill()
@@ -109,10 +127,10 @@ def _last_logits_only(model: Any) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-def _warm_up(model: Any, ids: torch.Tensor) -> None:
+def _warm_up(model: Any, ids: torch.Tensor, cache: str) -> None:
     # The first call of a configuration pays one-time costs (allocator growth, lazy imports, kernel
     # selection); a short untimed run takes them out of the timed ones.
-    _time_model(model, ids[:, :WARMUP_TOKENS], 1)
+    _time_model(model, ids[:, :WARMUP_TOKENS], 1, cache=cache)
 
 
 def _timed_runs(
@@ -121,9 +139,11 @@ def _timed_runs(
     decode_tokens: int,
     repeats: int,
     on_first_prefill: Callable[[], None] | None = None,
+    cache: str = "dynamic",
 ) -> tuple[float, float]:
     runs = [
-        _time_model(model, ids, decode_tokens, on_first_prefill if i == 0 else None) for i in range(repeats)
+        _time_model(model, ids, decode_tokens, on_first_prefill if i == 0 else None, cache)
+        for i in range(repeats)
     ]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
@@ -137,16 +157,20 @@ def measure(
     seed: int = 0,
     progress: Progress | None = None,
     repeats: int = 1,
+    cache: str = "dynamic",
 ) -> list[dict[str, Any]]:
     """One row per (length, method): prefill_s, decode_ms_per_token (medians of ``repeats`` runs after
     one untimed warm-up run on a short prompt), speedups vs dense, density. The first timed run plans
     the layout for its length; later runs reuse the patch's cached plan, as repeated requests would.
 
-    ``methods`` maps a name to a method or config (None: the unpatched model, the baseline)."""
+    ``methods`` maps a name to a method or config (None: the unpatched model, the baseline);
+    ``cache`` is the KV cache of every run, dense and patched (``CACHES``)."""
     import sparse_attn
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     log = progress or (lambda _msg: None)
     hq = model.config.num_attention_heads
     hkv = getattr(model.config, "num_key_value_heads", None) or hq
@@ -162,25 +186,26 @@ def measure(
                 rows.append({**row, "status": "failed-correctness"})
                 continue
             if method is None:
-                _warm_up(model, ids)
-                prefill, decode = _timed_runs(model, ids, decode_tokens, repeats)
+                _warm_up(model, ids, cache)
+                prefill, decode = _timed_runs(model, ids, decode_tokens, repeats, cache=cache)
                 density = 1.0
             else:
                 with sparse_attn.patch(model, method):
-                    _warm_up(model, ids)
+                    _warm_up(model, ids, cache)
                     before = layer_calls(sparse_attn.stats(model))
                     seen: list[float | None] = []
 
                     def record(before: dict = before, seen: list = seen) -> None:
                         seen.append(forward_density(before, sparse_attn.stats(model)))
 
-                    prefill, decode = _timed_runs(model, ids, decode_tokens, repeats, record)
+                    prefill, decode = _timed_runs(model, ids, decode_tokens, repeats, record, cache)
                     density = seen[0]
             row.update(
                 status="ok",
                 prefill_s=round(prefill, 6),
                 decode_ms_per_token=round(decode, 4),
                 repeats=repeats,
+                cache=cache,
             )
             row["density"] = None if density is None else round(density, 4)
             if method is None:

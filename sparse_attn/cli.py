@@ -1,7 +1,8 @@
 """The ``sparse-attn`` command line.
 
     sparse-attn bench throughput [--quick] [--lengths 4k,16k,32k] [--decode-lengths 8k,16k,32k,64k]
-                                 [--model smollm2|DIR --model-lengths 1k,2k,4k --model-methods ... [--model-only]]
+                                 [--model smollm2|DIR --model-lengths 1k,2k,4k --model-methods ...
+                                  --model-cache dynamic|static --model-only]
     sparse-attn bench kernels [--quick] [--lengths 8k,32k] [--decode-lengths 32k,256k] [--no-flex]
     sparse-attn demo [--quick] [--out DIR]
     sparse-attn bench accuracy [--model smollm2|DIR] [--methods dense,s2,topk,quest,...]
@@ -165,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-methods",
         default="dense,sink_local,s2,a_shape",
         help="presets or config .json paths for the --model rows",
+    )
+    tp.add_argument(
+        "--model-cache",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="the KV cache of the --model runs, dense and patched: HF's DynamicCache (generate's default; "
+        "copies every layer's keys per decode step) or a preallocated StaticCache (default dynamic)",
     )
     tp.add_argument(
         "--model-repeats",
@@ -500,8 +508,11 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             args.model_lengths,
             progress=log,
             repeats=args.model_repeats,
+            cache=args.model_cache,
         )
-        result["model"] = {"spec": args.model, "repeats": args.model_repeats, "rows": rows}
+        result["model"] = {
+            "spec": args.model, "repeats": args.model_repeats, "cache": args.model_cache, "rows": rows
+        }
         print(model_throughput.format_rows(rows))
         png = str(json_path).removesuffix(".json") + "-model-speedup.png"
         print(f"wrote {model_throughput.plot_speedup(rows, png)}")

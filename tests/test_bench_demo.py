@@ -105,6 +105,8 @@ def test_measure_takes_medians_after_a_warm_up_that_does_not_count() -> None:
     assert row["density"] == pytest.approx(window.plan([200], [200], *heads).density(), abs=1e-4)
     with pytest.raises(ValueError, match="repeats"):
         model_throughput.measure(model, {"w": window}, [200], repeats=0)
+    with pytest.raises(ValueError, match="cache"):
+        model_throughput.measure(model, {"w": window}, [200], cache="paged")
 
 
 def test_speedup_plot_is_written(tmp_path) -> None:
@@ -190,11 +192,16 @@ def test_bench_throughput_model_only_has_no_kernel_rows(tiny_checkpoint, tmp_pat
 
     path = tmp_path / "tp.json"
     args = ["--model", str(tiny_checkpoint), "--model-lengths", "128", "--model-methods", "dense,a_shape"]
-    code = main(["bench", "throughput", "--model-only", *args, "--model-repeats", "1", "--json", str(path)])
+    code = main(
+        ["bench", "throughput", "--model-only", *args, "--model-cache", "static", "--model-repeats", "1",
+         "--json", str(path)]
+    )
     assert code == 0
     result = json.loads(path.read_text())
     assert result["rows"] == []
     assert {r["method"] for r in result["model"]["rows"]} == {"dense", "a_shape"}
+    assert result["model"]["cache"] == "static"
+    assert all(r["status"] == "ok" and r["cache"] == "static" for r in result["model"]["rows"])
     assert "Full model" in report.markdown_summary(result)
     assert main(["bench", "throughput", "--model-only", "--json", str(path)]) == 2
     assert "--model-only needs --model" in capsys.readouterr().err
