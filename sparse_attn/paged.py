@@ -136,6 +136,6 @@ def paged_token_sparse_attention(
         )
         return out
     out, _ = paged_token_sparse_attention_torch(
-        q, key_cache, value_cache, block_table, selection, sc, causal, ql, kvl
+        q, key_cache, value_cache, block_table, selection, sc, causal, ql, kvl, need_lse=False
     )
     return out

@@ -125,6 +125,28 @@ def test_paged_token_decode_equals_contiguous() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_paged_full_selection_reuses_rows_only_for_its_own_table() -> None:
+    """A static layout's decode selection (every slot used) run by two layers over one block table,
+    then over a cache paged differently: each equals float64 attention over the selected keys."""
+    from oracle import dense_attention
+
+    gen = torch.Generator().manual_seed(4)
+    lens = (70, 45)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:20].sort().values for n in lens for _ in range(2)])
+    sel = TokenSelection(idx.view(2, 2, 20), torch.full((2, 2), 20))  # one row per KV head, all used
+    mask = sel.to_dense_mask(70).repeat_interleave(3, dim=1)[:, :, None]  # [B, Hq, 1, 70]
+    for _ in range(3):
+        q = torch.randn(2, 6, 1, 64, generator=gen)
+        k = torch.randn(2, 2, 70, 64, generator=gen)
+        v = torch.randn(2, 2, 70, 64, generator=gen)
+        kc, table = _paged(k, 16, gen)
+        vc = _with_table(v, kc, table)
+        want, _ = dense_attention(q, k, v, mask)
+        for _layer in range(2):
+            got = paged_token_sparse_attention(q, kc, vc, table, sel, kv_lens=torch.tensor(lens))
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
 def test_paged_inputs_are_checked() -> None:
     q = torch.randn(1, 4, 1, 64)
     kc = torch.randn(4, 16, 2, 64)

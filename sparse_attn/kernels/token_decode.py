@@ -150,26 +150,43 @@ def paged_token_sparse_attention_torch(
     causal: bool,
     q_lens: torch.Tensor,
     kv_lens: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """token_sparse_attention_torch over a paged cache: key j of row b is at page
     ``block_table[b, j // page_size]``, slot ``j % page_size``; only selected keys are gathered."""
     num_pages, page_size, hkv = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
     table = block_table.to(q.device, torch.int64)
     flat_ok = key_cache.is_contiguous() and value_cache.is_contiguous()
 
-    def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def slot_rows(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         page_of = (idx // page_size).clamp(0, table.shape[1] - 1)
         pages = table.gather(1, page_of.flatten(1)).view_as(idx).clamp(0, num_pages - 1)
-        slots = idx % page_size
+        return pages, idx % page_size
+
+    def flat_rows(idx: torch.Tensor, kv_head: torch.Tensor) -> torch.Tensor:
+        pages, slots = slot_rows(idx, kv_head)
+        return ((pages * page_size + slots) * hkv + kv_head.view(1, -1, 1)).flatten()
+
+    def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if flat_ok:  # one index_select over [pages*page_size*Hkv, D] rows instead of a 3-index gather
-            flat = ((pages * page_size + slots) * hkv + kv_head.view(1, -1, 1)).flatten()
+            if idx is selection.indices:
+                # the selection's own indices: the layers of a step sharing it and the step's block
+                # table (kept alive by the cache, so its identity is a valid key) reuse the rows
+                cache = selection.__dict__.setdefault("_paged_rows", {})
+                hit = cache.get("rows")
+                if hit is None or hit[0] is not block_table or hit[1] != (num_pages, page_size, hkv):
+                    hit = cache["rows"] = (block_table, (num_pages, page_size, hkv), flat_rows(idx, kv_head))
+                flat = hit[2]
+            else:
+                flat = flat_rows(idx, kv_head)
             k_sel = key_cache.view(-1, key_cache.shape[-1]).index_select(0, flat)
             v_sel = value_cache.view(-1, value_cache.shape[-1]).index_select(0, flat)
             return k_sel.view(*idx.shape, -1), v_sel.view(*idx.shape, -1)
+        pages, slots = slot_rows(idx, kv_head)
         heads = kv_head.view(1, -1, 1).expand_as(idx)
         return key_cache[pages, slots, heads], value_cache[pages, slots, heads]
 
-    return _attend_selected(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+    return _attend_selected(q, hkv, selection, scale, causal, q_lens, kv_lens, gather, need_lse)
 
 
 def selected_attention(
