@@ -228,8 +228,13 @@ def top_by_score(
         return forced.clone()
     # The count-th largest value t (a partial selection, not a full sort): everything above t is in,
     # and of the entries equal to t the lowest-indexed ones fill what is left, as a stable sort would.
-    top = torch.topk(keyed, k_max, dim=-1, sorted=True).values
-    t = top.gather(-1, (limit - 1).clamp(min=0))  # [B, H, 1]
+    if bool((limit == k_max).all()):
+        # one count for every row (a decode step's budget): t is the smallest of the top k_max,
+        # which needs no ordering of them
+        t = torch.topk(keyed, k_max, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [B, H, 1]
+    else:
+        top = torch.topk(keyed, k_max, dim=-1, sorted=True).values
+        t = top.gather(-1, (limit - 1).clamp(min=0))  # [B, H, 1]
     above = keyed > t
     tied = keyed == t
     room = limit - above.sum(-1, keepdim=True)

@@ -143,7 +143,9 @@ def exact_scores(
     sq, d, n = q.shape[2], q.shape[3], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.reshape(b, hkv, g * sq, d).to(acc)
-    scores = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale
+    scores = torch.matmul(qg * scale, k.to(acc).transpose(-1, -2))
+    if sq == 1 and _all_equal(q_lens, 1) and _all_equal(kv_lens, n):
+        return scores  # a decode step over full rows: every key is allowed
     dev = q.device
     kvl = kv_lens.to(dev)[:, None, None, None]
     qll = q_lens.to(dev)[:, None, None, None]
@@ -153,6 +155,10 @@ def exact_scores(
     if causal:
         ok = ok & (j <= kvl - qll + i)
     return scores.masked_fill_(~ok, float("-inf"))
+
+
+def _all_equal(lengths: torch.Tensor, value: int) -> bool:
+    return all(x == value for x in lengths.tolist())
 
 
 def block_max_scores(
