@@ -9,19 +9,28 @@ from .config import SparseAttentionConfig
 from .errors import ConfigError
 from .methods import S2, BlockSparse, Dense, DynamicMethod, Quest, SinkLocal, StaticMethod, TopK
 
+# Decode crossovers of the presets (SparseAttentionConfig.dense_above), from the per-layer decode cost
+# measured on the project's 2-core CPU: a static layout's gather + attention pays against dense SDPA
+# below ~40% of the keys at 2k; Quest's selection (~1.5-2 ms per layer) only below ~15%.
+STATIC_CROSSOVER = 0.4
+QUEST_CROSSOVER = 0.15
+
 PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
     # Every key through the sparse kernels: the dense-equivalent check of an integration.
     "dense": lambda: SparseAttentionConfig(default=Dense()),
     # StreamingLLM: 4 sink tokens + 1020-token window.
-    "sink_local": lambda: SparseAttentionConfig(default=SinkLocal()),
+    "sink_local": lambda: SparseAttentionConfig(default=SinkLocal(), dense_above=STATIC_CROSSOVER),
     # S2-Attention at its defaults (16 local blocks, vertical stride 8), meant for models trained with it.
-    "s2": lambda: SparseAttentionConfig(default=S2()),
+    "s2": lambda: SparseAttentionConfig(default=S2(), dense_above=STATIC_CROSSOVER),
     # Block-granular A-shape: the first block plus 16 local blocks of 64 keys.
-    "a_shape": lambda: SparseAttentionConfig(default=BlockSparse(sink_blocks=1, local_blocks=16)),
-    # Exact top-k at 5% of the keys (the accuracy ceiling of content-based selection).
+    "a_shape": lambda: SparseAttentionConfig(
+        default=BlockSparse(sink_blocks=1, local_blocks=16), dense_above=STATIC_CROSSOVER
+    ),
+    # Exact top-k at 5% of the keys (the accuracy ceiling of content-based selection; it scores every
+    # key, so no crossover would make it cheaper).
     "topk": lambda: SparseAttentionConfig(default=TopK()),
     # Quest: 16-key blocks, 1024-token budget, dense prefill.
-    "quest": lambda: SparseAttentionConfig(default=Quest()),
+    "quest": lambda: SparseAttentionConfig(default=Quest(), dense_above=QUEST_CROSSOVER),
 }
 
 

@@ -146,7 +146,7 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         if config is not None and config.dense_above is not None:
             # vLLM's dense rows of a step are chosen by length for every layer at once; the per-layer
             # crossover of the HF patch has no counterpart here yet
-            logger.warning(
+            logger.info(
                 "sparse_attn: dense_above=%s is applied by the Hugging Face patch only; the vLLM plugin "
                 "runs the configured methods at every density (min_seq_len still applies)",
                 config.dense_above,
