@@ -33,6 +33,7 @@ def token_sparse_attention_torch(
     and lse [B, Hq, Sq] (None unless ``need_lse``); rows outside q_lens, and rows with no selected
     key, are 0 with lse -inf."""
     b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
+    selection = per_kv_head(selection, hkv)
 
     def flat_rows(idx: torch.Tensor, kv_head: torch.Tensor) -> torch.Tensor:
         base = (torch.arange(b, device=idx.device)[:, None] * hkv + kv_head[None, :]) * skv  # [B, U]
@@ -71,17 +72,27 @@ def _attend_selected(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The grouped fast path when the selection is one row per KV head (or one for all heads), the
     general per-unit path otherwise (per-query-head selections, e.g. MoA's)."""
-    b, hkv = q.shape[0], num_kv_heads
-    if selection.num_heads == 1 and hkv > 1:  # one selection for every head: each KV head's view of it
-        lw = selection.log_weights
-        selection = TokenSelection(
-            selection.indices.expand(b, hkv, -1),
-            selection.counts.expand(b, hkv),
-            None if lw is None else lw.expand(b, hkv, -1),
-        )
+    hkv = num_kv_heads
     if selection.num_heads == hkv:
         return _grouped_decode(q, hkv, selection, scale, causal, q_lens, kv_lens, gather, need_lse)
     return selected_attention(q, hkv, selection, scale, causal, q_lens, kv_lens, gather)
+
+
+def per_kv_head(selection: TokenSelection, num_kv_heads: int) -> TokenSelection:
+    """A selection shared by every head as one row per KV head (views, no copy); made once per
+    selection, so the layers of a step that share it also share its derived gather rows."""
+    if selection.num_heads != 1 or num_kv_heads == 1:
+        return selection
+    cached = selection.__dict__.get("_per_kv_head")
+    if cached is None or cached.num_heads != num_kv_heads:
+        b, lw = selection.batch_size, selection.log_weights
+        cached = TokenSelection(
+            selection.indices.expand(b, num_kv_heads, -1),
+            selection.counts.expand(b, num_kv_heads),
+            None if lw is None else lw.expand(b, num_kv_heads, -1),
+        )
+        selection.__dict__["_per_kv_head"] = cached
+    return cached
 
 
 def _grouped_decode(
@@ -155,6 +166,7 @@ def paged_token_sparse_attention_torch(
     """token_sparse_attention_torch over a paged cache: key j of row b is at page
     ``block_table[b, j // page_size]``, slot ``j % page_size``; only selected keys are gathered."""
     num_pages, page_size, hkv = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
+    selection = per_kv_head(selection, hkv)
     table = block_table.to(q.device, torch.int64)
     flat_ok = key_cache.is_contiguous() and value_cache.is_contiguous()
 
