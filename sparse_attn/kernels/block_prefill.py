@@ -49,7 +49,7 @@ class _Chunk:
     slots: int  # key blocks per tile (padded to the chunk's largest)
     n_mask: int  # leading slots that need a mask
     kv_block: torch.Tensor  # [U*T*slots] rows of the [Hkv * blocks, bk*D] view of K and V
-    mask_id: torch.Tensor | None  # [U, T, G', n_mask] palette entries of the leading slots
+    mask_rows: torch.Tensor | None  # [U*T*G'*rt*n_mask] palette rows of the leading slots' masks
     empty: torch.Tensor | None  # bool [U, T, G', hi-lo]: real rows without a single key
 
 
@@ -61,7 +61,7 @@ class _Group:
     units: slice
     kv_head: torch.Tensor  # [U]
     chunks: list[_Chunk]
-    palette: torch.Tensor  # [K, bq, bk] accumulation dtype, -inf where masked, else 0
+    palette: torch.Tensor  # [K*bq, bk] accumulation dtype, -inf where masked, else 0
 
 
 def _chunks(counts: torch.Tensor, per_block: int):
@@ -227,12 +227,15 @@ def _plan_group(
             chunks.append(_Chunk(t0, t1, r_lo, r0, r1, lo, hi, 0, 0, torch.empty(0), None, None))
             continue
         n_t = t1 - t0
-        mask_id = empty = None
+        mask_rows = empty = None
         seen = has_clean[:, :, None, None].expand(n_units, n_t, gp, hi - lo)  # [U, T, G', rt]
         if n_mask:
             mask_id = next(ids).view(n_units, n_t, gp, n_mask)
             assert row_any is not None
             seen = seen | row_any[mask_id][..., lo:hi].any(-2)
+            # row r of every leading slot's mask, in the scores' order [U, T, G', rt, P]
+            mask_rows = mask_id[:, :, :, None, :] * bq + torch.arange(lo, hi)[:, None]
+            mask_rows = mask_rows.flatten().to(device, torch.int32)
         # only real query rows count: a tile's slots before the first query or past kv_len are
         # computed and dropped
         p = tile_p0[t0:t1, None] + torch.arange(lo, hi)  # [T, rt]
@@ -252,11 +255,11 @@ def _plan_group(
                 mk,
                 n_mask,
                 (blk + base).flatten().to(device),
-                None if mask_id is None else mask_id.to(device),
+                mask_rows,
                 empty,
             )
         )
-    bias = torch.zeros(palette.shape, dtype=acc).masked_fill_(palette, float("-inf"))
+    bias = torch.zeros(palette.shape, dtype=acc).masked_fill_(palette, float("-inf")).flatten(0, 1)
     return _Group(heads, units, kv_head.to(device), chunks, bias.to(device))
 
 
@@ -339,6 +342,7 @@ def _row_attention(
     acc: torch.dtype,
     out: torch.Tensor,  # [U, G, Sq, Dv] written in place
     lse_out: torch.Tensor | None,  # [U, G, Sq]
+    grad: bool,
 ) -> None:
     n_units, gq, sq, d = q_u.shape
     dv = out.shape[-1]
@@ -350,7 +354,6 @@ def _row_attention(
         m = c.slots * bk
         k_sel = k_blk.index_select(0, c.kv_block).view(n_units * n_t, m, d).to(acc)  # [U*T, M, D]
         v_sel = v_blk.index_select(0, c.kv_block).view(n_units * n_t, m, dv).to(acc)
-        q_c = torch.empty(n_units, n_t, gq, rt, d, dtype=acc, device=q_u.device)  # [U, T, G, rt, D]
         if n_t == 1:
             rows = q_u[:, None, :, c.r0 : c.r1]  # [U, 1, G, rt, D]
         elif c.r_lo >= 0 and c.r_lo + n_t * bq <= sq:
@@ -358,15 +361,19 @@ def _row_attention(
         else:
             pad = (0, 0, c.r0 - c.r_lo, c.r_lo + n_t * bq - c.r1)
             rows = F.pad(q_u[:, :, c.r0 : c.r1], pad).view(n_units, gq, n_t, bq, d).transpose(1, 2)
-        torch.mul(rows.to(acc), scale, out=q_c)
+        if grad:  # out= and in-place softmax have no autograd
+            q_c = (rows.to(acc) * scale).contiguous()  # [U, T, G, rt, D]
+        else:
+            q_c = torch.empty(n_units, n_t, gq, rt, d, dtype=acc, device=q_u.device)  # [U, T, G, rt, D]
+            torch.mul(rows.to(acc), scale, out=q_c)
         scores = torch.bmm(q_c.view(n_units * n_t, gq * rt, d), k_sel.transpose(1, 2))  # [U*T, G*rt, M]
-        if c.mask_id is not None:
-            # an additive -inf/0 mask: several times faster than masked_fill_ with a bool mask here
-            bias = group.palette[c.mask_id][..., c.lo : c.hi, :]  # [U, T, G', P, rt, bk]
-            head = scores.view(n_units, n_t, gq, rt, c.slots, bk)[:, :, :, :, : c.n_mask]
-            head.transpose(3, 4).add_(bias)
+        if c.mask_rows is not None:
+            # an additive -inf/0 mask laid out like the scores' prefix: several times faster than
+            # masked_fill_ with a bool mask here
+            bias = group.palette.index_select(0, c.mask_rows).view(n_units, n_t, -1, rt, c.n_mask * bk)
+            scores.view(n_units, n_t, gq, rt, m)[..., : c.n_mask * bk].add_(bias)
         row_max = scores.amax(-1) if lse_out is not None else None  # [U*T, G*rt]
-        probs = torch.softmax(scores, dim=-1, out=scores)
+        probs = torch.softmax(scores, dim=-1) if grad else torch.softmax(scores, dim=-1, out=scores)
         o = torch.bmm(probs, v_sel).view(n_units, n_t, gq, rt, dv)
         if c.empty is not None:
             o.masked_fill_(c.empty[..., None], 0.0)
@@ -420,6 +427,7 @@ def block_sparse_attention_torch(
         if need_lse
         else None
     )
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     pad = -skv % bk
     n_blocks = (skv + pad) // bk
 
@@ -447,5 +455,5 @@ def block_sparse_attention_torch(
             q_u = q[row].reshape(n_units, group.heads, sq, d)[group.units]
             out_u = out[row].view(n_units, group.heads, sq, dv)[group.units]
             lse_u = None if lse is None else lse[row].view(n_units, group.heads, sq)[group.units]
-            _row_attention(q_u, k_blk, v_blk, group, bq, bk, scale, acc, out_u, lse_u)
+            _row_attention(q_u, k_blk, v_blk, group, bq, bk, scale, acc, out_u, lse_u, grad)
     return out, lse
