@@ -225,3 +225,24 @@ def test_gradients_match_the_oracle(name):
     ref_grads = torch.autograd.grad((ref_out * weight).sum(), (q, k, v))
     for g, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, ref, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_key_reaches_only_the_rows_that_attend_it(bad):
+    # key 30 lies in a partial block (window edge) of later tiles: masked there, it must not leak
+    # (a NaN poisons exactly the rows that attend it; an inf's effect on them depends on its sign)
+    method = sa.SinkLocal(sink_tokens=2, window_tokens=8, block_size=16)
+    layout = method.plan([64], [64], 2, 1)
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 32, seed=2)
+    k[0, 0, 30, 3] = bad
+    mask = layout.to_dense_mask()  # [1, 1, 64, 64]
+    out, lse = block_sparse_attention_torch(q, k, v, layout, 32**-0.5, need_lse=True)
+    assert lse is not None
+    attends = mask[0, 0, :, 30]  # [64]
+    if bad != bad:
+        assert torch.equal(torch.isnan(out[0]).any(-1), attends.expand(2, 64))
+    clean = ~attends
+    k_ok = k.clone()
+    k_ok[0, 0, 30] = 0.0
+    ref_out, _ = dense_attention(q, k_ok, v, mask)
+    torch.testing.assert_close(out[0][:, clean].double(), ref_out[0][:, clean], **TOL)

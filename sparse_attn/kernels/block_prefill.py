@@ -343,6 +343,7 @@ def _row_attention(
     out: torch.Tensor,  # [U, G, Sq, Dv] written in place
     lse_out: torch.Tensor | None,  # [U, G, Sq]
     grad: bool,
+    finite: bool,  # q and k hold no inf or NaN
 ) -> None:
     n_units, gq, sq, d = q_u.shape
     dv = out.shape[-1]
@@ -368,10 +369,14 @@ def _row_attention(
             torch.mul(rows.to(acc), scale, out=q_c)
         scores = torch.bmm(q_c.view(n_units * n_t, gq * rt, d), k_sel.transpose(1, 2))  # [U*T, G*rt, M]
         if c.mask_rows is not None:
-            # an additive -inf/0 mask laid out like the scores' prefix: several times faster than
-            # masked_fill_ with a bool mask here
             bias = group.palette.index_select(0, c.mask_rows).view(n_units, n_t, -1, rt, c.n_mask * bk)
-            scores.view(n_units, n_t, gq, rt, m)[..., : c.n_mask * bk].add_(bias)
+            prefix = scores.view(n_units, n_t, gq, rt, m)[..., : c.n_mask * bk]
+            if finite:
+                # an additive -inf/0 mask laid out like the scores' prefix: several times faster
+                # than masked_fill_ with a bool mask here
+                prefix.add_(bias)
+            else:  # a masked inf or NaN score must not survive (inf + -inf is NaN)
+                prefix.masked_fill_(torch.isneginf(bias), float("-inf"))
         row_max = scores.amax(-1) if lse_out is not None else None  # [U*T, G*rt]
         probs = torch.softmax(scores, dim=-1) if grad else torch.softmax(scores, dim=-1, out=scores)
         o = torch.bmm(probs, v_sel).view(n_units, n_t, gq, rt, dv)
@@ -446,6 +451,8 @@ def block_sparse_attention_torch(
             lambda row=row: _plan(layout, row, hq, hkv, n_blocks, per_block_unit, acc, q.device),
         )
         k_row, v_row = k[row], v[row]  # [Hkv, Skv, D]
+        # one pass over q and k (O(N D), small next to the attention) picks the fast mask
+        finite = bool(torch.isfinite(q[row]).all()) and bool(torch.isfinite(k_row).all())
         if pad:  # whole blocks only: the tail past kv_len is masked
             k_row, v_row = F.pad(k_row, (0, 0, 0, pad)), F.pad(v_row, (0, 0, 0, pad))
         k_blk = k_row.reshape(hkv * n_blocks, bk * d)
@@ -455,5 +462,5 @@ def block_sparse_attention_torch(
             q_u = q[row].reshape(n_units, group.heads, sq, d)[group.units]
             out_u = out[row].view(n_units, group.heads, sq, dv)[group.units]
             lse_u = None if lse is None else lse[row].view(n_units, group.heads, sq)[group.units]
-            _row_attention(q_u, k_blk, v_blk, group, bq, bk, scale, acc, out_u, lse_u, grad)
+            _row_attention(q_u, k_blk, v_blk, group, bq, bk, scale, acc, out_u, lse_u, grad, finite)
     return out, lse
