@@ -451,8 +451,9 @@ def block_sparse_attention_torch(
             lambda row=row: _plan(layout, row, hq, hkv, n_blocks, per_block_unit, acc, q.device),
         )
         k_row, v_row = k[row], v[row]  # [Hkv, Skv, D]
-        # one pass over q and k (O(N D), small next to the attention) picks the fast mask
-        finite = bool(torch.isfinite(q[row]).all()) and bool(torch.isfinite(k_row).all())
+        # A sum is finite only when every term is: one pass over q and k (O(N D), small next to the
+        # attention, no temporary) picks the fast mask; an overflowing sum only costs the slow one.
+        finite = bool(torch.isfinite(q[row].sum(dtype=acc))) and bool(torch.isfinite(k_row.sum(dtype=acc)))
         if pad:  # whole blocks only: the tail past kv_len is masked
             k_row, v_row = F.pad(k_row, (0, 0, 0, pad)), F.pad(v_row, (0, 0, 0, pad))
         k_blk = k_row.reshape(hkv * n_blocks, bk * d)
