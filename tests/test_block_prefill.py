@@ -1,0 +1,248 @@
+"""The torch prefill kernel's own paths against float64 dense attention with the explicit mask:
+chunking (many chunks of uneven block counts), the per-head union of a GQA group (MoA) and its
+per-query-head fallback, the cached per-layout plan (reused with other tensors, other K/V lengths),
+the palette of partial-block masks and rows that see no key."""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+
+import pytest
+import torch
+
+import sparse_attn as sa
+from sparse_attn.block_layout import BlockLayout
+from sparse_attn.kernels import block_prefill
+from sparse_attn.kernels.block_prefill import block_sparse_attention_torch
+
+try:
+    from tests.oracle import assert_padding_rows, batch_mask_from_method, dense_attention, make_qkv
+except ModuleNotFoundError:  # tests/ itself on sys.path
+    from oracle import (  # type: ignore[no-redef]
+        assert_padding_rows,
+        batch_mask_from_method,
+        dense_attention,
+        make_qkv,
+    )
+
+TOL = dict(atol=2e-5, rtol=1e-5)
+
+# (q_lens, kv_lens, hq, hkv, d, causal)
+SHAPES = [
+    ((1000,), (1000,), 8, 2, 64, True),
+    ((63, 1, 40), (63, 1, 40), 6, 2, 32, True),
+    ((1, 63), (1000, 63), 4, 1, 64, True),
+    ((200, 17), (1000, 300), 3, 1, 48, True),
+    ((63, 20), (63, 50), 4, 4, 64, False),
+    ((100,), (1000,), 6, 3, 32, False),
+]
+
+
+def _sid(s) -> str:
+    q, kv, hq, hkv, d, causal = s
+    j = lambda xs: "_".join(map(str, xs))  # noqa: E731
+    return f"B{len(q)}-q{j(q)}-kv{j(kv)}-HQ{hq}-KV{hkv}-D{d}-{'causal' if causal else 'noncausal'}"
+
+
+def _moa(hq: int) -> sa.MoA:
+    # spans of neighbouring heads differ a little (the union of a GQA group pays) or a lot
+    return sa.MoA(
+        alphas=[[40.0 + 9.0 * h for h in range(hq)]],
+        betas=[[0.02 * (h % 4) for h in range(hq)]],
+        sink_tokens=5,
+        min_span=9,
+        block_size=16,
+    )
+
+
+METHODS = {
+    "MoA": lambda hq: _moa(hq),
+    "SinkLocal": lambda hq: sa.SinkLocal(sink_tokens=4, window_tokens=37, block_size=16),
+    "S2": lambda hq: sa.S2(block_size=16, local_blocks=3, vert_stride=4),
+    "BlockSparse-ashape": lambda hq: sa.BlockSparse(block_size=32, sink_blocks=1, local_blocks=2),
+}
+
+
+def _check(method, shape, **kw) -> BlockLayout:
+    q_lens, kv_lens, hq, hkv, d, causal = shape
+    sq, skv = max(q_lens), max(kv_lens)
+    q, k, v = make_qkv(
+        len(q_lens),
+        hq,
+        hkv,
+        sq,
+        skv,
+        d,
+        seed=zlib.crc32(_sid(shape).encode()) % 1000,
+        q_lens=q_lens,
+        kv_lens=kv_lens,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa.CoverageWarning)
+        mask = batch_mask_from_method(method, q_lens, kv_lens, sq, skv, hq, hkv, causal=causal)
+        layout = method.plan(torch.tensor(q_lens), torch.tensor(kv_lens), hq, hkv, causal=causal)
+    ref_out, ref_lse = dense_attention(q, k, v, mask)
+    scale = d**-0.5
+    for need_lse in (True, False):
+        out, lse = block_sparse_attention_torch(q, k, v, layout, scale, need_lse=need_lse)
+        assert_padding_rows(out, lse, q_lens)
+        torch.testing.assert_close(out.double(), ref_out, **TOL)
+        if need_lse:
+            assert lse is not None
+            real = torch.isfinite(ref_lse)
+            assert torch.equal(torch.isfinite(lse), real)
+            torch.testing.assert_close(lse.double()[real], ref_lse[real], **TOL)
+    return layout
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[_sid(s) for s in SHAPES])
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize(
+    "chunk_bytes", [block_prefill.CHUNK_BYTES, 40_000], ids=["chunk-default", "chunk-small"]
+)
+def test_prefill_kernel_matches_oracle(name, shape, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(block_prefill, "CHUNK_BYTES", chunk_bytes)
+    _check(METHODS[name](shape[2]), shape)
+
+
+@pytest.mark.parametrize(
+    "shape", [s for s in SHAPES if s[2] > s[3]], ids=[_sid(s) for s in SHAPES if s[2] > s[3]]
+)
+@pytest.mark.parametrize("waste", [0.0, 100.0], ids=["per-query-head", "group-union"])
+def test_moa_group_union_and_per_head_units_agree(shape, waste, monkeypatch):
+    monkeypatch.setattr(block_prefill, "UNION_WASTE", waste)
+    monkeypatch.setattr(block_prefill, "CHUNK_BYTES", 40_000)
+    _check(_moa(shape[2]), shape)
+
+
+def _plans(layout: BlockLayout) -> dict:
+    return layout.__dict__["_prefill_plans"]
+
+
+@pytest.mark.parametrize("waste,heads", [(0.0, 1), (100.0, 4)], ids=["per-query-head", "group-union"])
+def test_union_choice_sets_the_unit(waste, heads, monkeypatch):
+    monkeypatch.setattr(block_prefill, "UNION_WASTE", waste)
+    shape = ((300,), (300,), 8, 2, 32, True)
+    layout = _check(_moa(8), shape)
+    groups = next(iter(_plans(layout).values()))
+    assert {g.heads for g in groups} == {heads}
+
+
+def test_plan_is_kept_on_the_layout_and_reused():
+    shape = ((1000,), (1000,), 8, 2, 64, True)
+    method = METHODS["SinkLocal"](8)
+    layout = _check(method, shape)
+    plans = dict(_plans(layout))
+    assert plans
+    # other tensors through the same layout: same plan objects, still exact
+    q, k, v = make_qkv(1, 8, 2, 1000, 1000, 64, seed=7)
+    mask = batch_mask_from_method(method, (1000,), (1000,), 1000, 1000, 8, 2, causal=True)
+    ref_out, _ = dense_attention(q, k, v, mask)
+    out, _ = block_sparse_attention_torch(q, k, v, layout, 64**-0.5, need_lse=False)
+    torch.testing.assert_close(out.double(), ref_out, **TOL)
+    assert all(_plans(layout)[key] is plan for key, plan in plans.items())
+    # longer K/V tensors (padding past kv_len, a whole number of blocks more) get their own plan
+    k2 = torch.cat([k, torch.full((1, 2, 40, 64), 1e4)], dim=2)
+    v2 = torch.cat([v, torch.full((1, 2, 40, 64), 1e4)], dim=2)
+    out2, _ = block_sparse_attention_torch(q, k2, v2, layout, 64**-0.5, need_lse=False)
+    torch.testing.assert_close(out2.double(), ref_out, **TOL)
+    assert len(_plans(layout)) == len(plans) + 1
+
+
+@pytest.mark.parametrize("chunk_bytes", [block_prefill.CHUNK_BYTES, 1], ids=["one-chunk", "chunk-per-tile"])
+def test_rows_without_keys_give_zero_and_neg_inf(chunk_bytes, monkeypatch):
+    # tile 1 lists no block: inside a chunk its slots are unused (masked whole), alone it is a chunk
+    # without keys
+    monkeypatch.setattr(block_prefill, "CHUNK_BYTES", chunk_bytes)
+    bq = bk = 16
+    q_len = kv_len = 48
+    idx = torch.tensor([[[[0, 0], [0, 0], [2, 0]]]])
+    counts = torch.tensor([[[1, 0, 1]]])
+    full = torch.zeros(1, 1, 3, 2, dtype=torch.bool)
+    layout = BlockLayout(
+        idx, counts, full, bq, bk, torch.tensor([q_len]), torch.tensor([kv_len]), causal=True
+    ).validate()
+    q, k, v = make_qkv(1, 4, 2, q_len, kv_len, 32, seed=3)
+    mask = layout.to_dense_mask()
+    ref_out, ref_lse = dense_attention(q, k, v, mask)
+    out, lse = block_sparse_attention_torch(q, k, v, layout, 32**-0.5, need_lse=True)
+    assert lse is not None
+    torch.testing.assert_close(out.double(), ref_out, **TOL)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert bool(torch.isneginf(lse[0, :, 16:32]).all())
+    assert bool((out[0, :, 16:32] == 0).all())
+
+
+@pytest.mark.parametrize("window", [0, 1, 5, 16, 40], ids=lambda w: f"W{w}")
+def test_window_masks_in_the_palette(window):
+    # a windowed layout written by hand: every tile lists all blocks up to its own, all partial
+    bq = bk = 16
+    n = 80
+    nt = n // bq
+    idx = torch.arange(nt).expand(nt, nt).clone()[None, None]
+    counts = (torch.arange(nt) + 1)[None, None]
+    full = torch.zeros(1, 1, nt, nt, dtype=torch.bool)
+    layout = BlockLayout(
+        idx,
+        counts,
+        full,
+        bq,
+        bk,
+        torch.tensor([n]),
+        torch.tensor([n]),
+        causal=True,
+        sink_tokens=torch.tensor([[3]]),
+        window_tokens=torch.tensor([[window]]),
+    ).validate()
+    q, k, v = make_qkv(1, 2, 1, n, n, 32, seed=window)
+    ref_out, ref_lse = dense_attention(q, k, v, layout.to_dense_mask())
+    out, lse = block_sparse_attention_torch(q, k, v, layout, 32**-0.5, need_lse=True)
+    assert lse is not None
+    torch.testing.assert_close(out.double(), ref_out, **TOL)
+    real = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), real)
+    torch.testing.assert_close(lse.double()[real], ref_lse[real], **TOL)
+
+
+@pytest.mark.parametrize("name", ["MoA", "SinkLocal", "S2"])
+def test_gradients_match_the_oracle(name):
+    # the kernel keeps an autograd path (out= and in-place softmax only without grad)
+    shape = ((70, 33), (100, 33), 4, 2, 16, True)
+    q_lens, kv_lens, hq, hkv, d, causal = shape
+    method = METHODS[name](hq)
+    q, k, v = (t.double().requires_grad_() for t in make_qkv(2, hq, hkv, 70, 100, d, seed=11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa.CoverageWarning)
+        mask = batch_mask_from_method(method, q_lens, kv_lens, 70, 100, hq, hkv, causal=causal)
+        layout = method.plan(torch.tensor(q_lens), torch.tensor(kv_lens), hq, hkv, causal=causal)
+    weight = torch.randn(2, hq, 70, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for i in range(2):
+        weight[i, :, q_lens[i] :] = 0
+    out, _ = block_sparse_attention_torch(q, k, v, layout, d**-0.5, need_lse=True)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_out, _ = dense_attention(q, k, v, mask)
+    ref_grads = torch.autograd.grad((ref_out * weight).sum(), (q, k, v))
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_key_reaches_only_the_rows_that_attend_it(bad):
+    # key 30 lies in a partial block (window edge) of later tiles: masked there, it must not leak
+    # (a NaN poisons exactly the rows that attend it; an inf's effect on them depends on its sign)
+    method = sa.SinkLocal(sink_tokens=2, window_tokens=8, block_size=16)
+    layout = method.plan([64], [64], 2, 1)
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 32, seed=2)
+    k[0, 0, 30, 3] = bad
+    mask = layout.to_dense_mask()  # [1, 1, 64, 64]
+    out, lse = block_sparse_attention_torch(q, k, v, layout, 32**-0.5, need_lse=True)
+    assert lse is not None
+    attends = mask[0, 0, :, 30]  # [64]
+    if bad != bad:
+        assert torch.equal(torch.isnan(out[0]).any(-1), attends.expand(2, 64))
+    clean = ~attends
+    k_ok = k.clone()
+    k_ok[0, 0, 30] = 0.0
+    ref_out, _ = dense_attention(q, k_ok, v, mask)
+    torch.testing.assert_close(out[0][:, clean].double(), ref_out[0][:, clean], **TOL)
