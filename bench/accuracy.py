@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import statistics
 import sys
 import time
 import warnings
@@ -340,8 +341,9 @@ def _answer_case(
             cache, logits = generation.copy_cache(shared[0]), shared[1]
         else:
             cache, logits = generation.prefill_head(model, ids[: n - tail])
+        steps: list[float] = []
         new, cut = generation.continue_greedy(
-            model, cache, logits, ids[n - tail :], max_new_tokens, eos, read_density
+            model, cache, logits, ids[n - tail :], max_new_tokens, eos, read_density, steps
         )
         del cache
         run.add_stats(before, _stats(model, run.patched))
@@ -353,6 +355,10 @@ def _answer_case(
         "key": case.prompt.answer, "query": case.prompt.query,
         "output": text, "answer": extract_integer(text), "truncated": cut,
         "correct": exact_match(text, case.prompt.answer, truncated=cut), "density": density[0],
+        "decode_steps": len(steps),
+        # the median, so that a first step's one-time cost (e.g. side data built over the shared
+        # dense head) does not count as the per-token cost
+        "decode_ms_per_token": round(statistics.median(steps) * 1000.0, 3) if steps else None,
     })  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -95,21 +96,33 @@ def continue_greedy(
     max_new_tokens: int,
     eos_ids: set[int] | frozenset[int] = frozenset(),
     on_answer_step: Callable[[], None] | None = None,
+    step_seconds: list[float] | None = None,
 ) -> tuple[list[int], bool]:
     """Feed ``tail_ids`` (1-D, maybe empty) one token at a time through the decode path of a model
     whose ``cache`` holds the prompt's head (``last_logits``: the head's last-position logits), then
     decode greedily as ``greedy_generate`` does. ``on_answer_step`` runs right after the forward that
     decides the first answer token (the last tail token's; the head's when the tail is empty).
+    ``step_seconds``, when given, gets the wall time of every decode forward (tail and answer) appended:
+    the method's decode cost at this context length, measured on the steps that decide the answer.
     ``cache`` is extended in place."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     device = next(model.parameters()).device
     extra = _extra(model)
+
+    def forward(token: int) -> tuple[Any, torch.Tensor]:
+        t0 = time.perf_counter()
+        ids = torch.tensor([[token]], device=device)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
+        if step_seconds is not None:
+            if out.logits.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
+                torch.cuda.synchronize()
+            step_seconds.append(time.perf_counter() - t0)
+        return out.past_key_values, out.logits[0, -1]
+
     logits = last_logits
     for t in tail_ids.tolist():
-        step = torch.tensor([[int(t)]], device=device)
-        out = model(input_ids=step, past_key_values=cache, use_cache=True, **extra)
-        cache, logits = out.past_key_values, out.logits[0, -1]
+        cache, logits = forward(int(t))
     if on_answer_step is not None:
         on_answer_step()
     new: list[int] = []
@@ -120,9 +133,7 @@ def continue_greedy(
         new.append(token)
         if len(new) == max_new_tokens:
             break
-        step = torch.tensor([[token]], device=device)
-        out = model(input_ids=step, past_key_values=cache, use_cache=True, **extra)
-        cache, logits = out.past_key_values, out.logits[0, -1]
+        cache, logits = forward(token)
     return new, True
 
 

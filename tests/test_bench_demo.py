@@ -8,6 +8,7 @@ import warnings
 from typing import ClassVar
 
 import pytest
+import torch
 from hf_models import build
 
 import sparse_attn as sa
@@ -28,10 +29,65 @@ class _Misplanned(SinkLocal):
 def test_self_check_passes_every_demo_method_at_smollm2_heads() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the demo's settings must not be degenerate (CoverageWarning)
-        for name, method in demo.demo_methods().items():
-            if method is not None:
-                check = model_throughput.self_check(method, 9, 3, layers=2)
-                assert check["ok"], (name, check)
+        for length in (demo.QUICK_LENGTH, demo.DEMO_LENGTH):
+            for name, method in demo.demo_methods(length).items():
+                if method is not None:
+                    check = model_throughput.self_check(method, 9, 3, layers=2)
+                    assert check["ok"], (length, name, check)
+
+
+@pytest.mark.parametrize("length", [demo.QUICK_LENGTH, 4096, 6000, 8000])
+def test_demo_methods_decode_within_the_budget(length) -> None:
+    methods = demo.demo_methods(length)
+    assert list(methods) == list(demo.METHODS) and methods["dense"] is None
+    budget = demo.BUDGET * length
+    for name, method in methods.items():
+        if isinstance(method, sa.DynamicMethod):
+            assert method.tokens <= budget, name
+        elif method is not None:
+            # the answer's first step: one query over the whole prompt
+            density = method.plan([1], [length], 9, 3).density()
+            assert 0.5 * demo.BUDGET < density <= demo.BUDGET, (name, density)
+    with pytest.raises(ValueError, match="too small"):
+        demo.demo_methods(200)
+
+
+def _row(method, passkey, density, decode_ms, kind="static", status="ok"):
+    return {
+        "method": method, "kind": kind, "status": status, "passkey": passkey, "density": density,
+        "decode_ms_per_token": decode_ms, "decode_speedup": None if decode_ms is None else 100.0 / decode_ms,
+    }  # fmt: skip
+
+
+def test_best_is_the_most_accurate_then_fastest_method_under_the_density_bar() -> None:
+    rows = [
+        _row("dense", 1.0, 1.0, 100.0, kind="dense"),
+        _row("wide", 1.0, 0.25, 50.0),  # more accurate and faster, but over the bar
+        _row("slow_exact", 1.0, 0.10, 120.0, kind="dynamic"),
+        _row("fast_exact", 1.0, 0.05, 110.0, kind="dynamic"),
+        _row("fastest_wrong", 0.33, 0.05, 40.0),
+        _row("broken", 1.0, 0.05, 10.0, status="failed-correctness"),
+    ]
+    assert demo.pick_best(rows) == "fast_exact"
+    assert demo.pick_best(rows, density_bar=0.3) == "wide"
+    assert demo.pick_best(rows, density_bar=0.01) is None
+    assert demo.pick_best([r for r in rows if r["method"] in ("dense", "wide")]) is None
+    # a method without a decode time ranks after one with it at the same accuracy
+    assert demo.pick_best([_row("a", 1.0, 0.1, None), _row("b", 1.0, 0.1, 500.0)]) == "b"
+
+
+def test_verdict_needs_dense_accuracy_and_a_faster_decode() -> None:
+    dense = _row("dense", 2 / 3, 1.0, 100.0, kind="dense")
+    slow = demo.verdict([dense, _row("x", 2 / 3, 0.1, 120.0)], "x")
+    assert slow["keeps_dense_accuracy"] and not slow["decodes_faster"] and slow["met"] is False
+    assert "NOT met" in slow["text"] and "not faster" in slow["text"]
+    fast = demo.verdict([dense, _row("x", 1.0, 0.1, 80.0)], "x")
+    assert fast["met"] is True and "(faster)" in fast["text"]
+    lossy = demo.verdict([dense, _row("x", 1 / 3, 0.1, 50.0)], "x")
+    assert lossy["met"] is False and "loses accuracy" in lossy["text"]
+    assert demo.verdict([dense], None)["met"] is None
+    blind = demo.verdict([_row("dense", 0.0, 1.0, 100.0, kind="dense"), _row("x", 0.0, 0.1, 50.0)], "x")
+    assert blind["met"] is None and "cannot tell" in blind["text"]
 
 
 def test_self_check_catches_a_wrong_kernel_plan() -> None:
@@ -205,3 +261,51 @@ def test_bench_throughput_model_only_has_no_kernel_rows(tiny_checkpoint, tmp_pat
     assert "Full model" in report.markdown_summary(result)
     assert main(["bench", "throughput", "--model-only", "--json", str(path)]) == 2
     assert "--model-only needs --model" in capsys.readouterr().err
+
+def test_demo_quick_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    out = tmp_path / "demo"
+    result = demo.run(out, quick=True, model=str(tiny_checkpoint), methods=demo.METHODS, threads=None, progress=False)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == list(demo.METHODS)
+    assert result["config"]["length"] == demo.QUICK_LENGTH
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r)
+        assert r["passkey_total"] == len(demo.DEPTHS) and set(r["by_depth"]) == {"0.1", "0.5", "0.9"}
+        assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["density"] <= (1.0 if name == "dense" else demo.BUDGET)
+    assert rows["dense"]["prefill_speedup"] == pytest.approx(1.0)
+    assert rows["dense"]["decode_speedup"] == pytest.approx(1.0)
+    assert [rows[n]["prefill"] for n in demo.METHODS] == ["dense", "own", "own", "dense (by design)", "dense (by design)"]
+    # the dynamic methods prefill densely: dense's shared prefill is theirs
+    assert rows["topk"]["prefill_s"] == rows["dense"]["prefill_s"]
+    assert 0 < rows["sink_local"]["prefill_density"] < 1
+    assert result["best"] == demo.pick_best(result["rows"])
+    assert [n for n, r in rows.items() if r["best"]] == ([result["best"]] if result["best"] else [])
+    # the question (not the whole prompt) goes through decode, every step timed
+    question = result["config"]["decode_tokens"]
+    assert len(question) == 1 and 5 <= question[0] <= 20
+    for r in result["accuracy"]["rows"]:
+        assert r["decode_steps"] >= r["decode_tokens"] and r["decode_ms_per_token"] > 0
+    assert json.loads((out / "demo.json").read_text())["verdict"] == result["verdict"]
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = demo.format_table(result)
+    for text in ("torch threads", "commit", str(demo.QUICK_LENGTH), result["verdict"]["text"]):
+        assert text in table
+    with pytest.raises(ValueError, match="unknown demo methods"):
+        demo.run(None, quick=True, model=str(tiny_checkpoint), methods=["s2"], threads=None)
+
+
+def test_demo_cli(tiny_checkpoint, tmp_path, capsys) -> None:
+    from sparse_attn.cli import main
+
+    out = tmp_path / "cli"
+    threads = torch.get_num_threads()
+    args = ["--quick", "--model", str(tiny_checkpoint), "--methods", "topk", "--threads", "1", "--out", str(out)]
+    try:
+        assert main(["demo", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "topk" in printed and "demo.png" in printed
+    methods = json.loads((out / "demo.json").read_text())["config"]["methods"]
+    assert list(methods) == ["dense", "topk"]
