@@ -15,6 +15,15 @@ def markdown_summary(result: dict[str, Any]) -> str:
     step's time goes, the goal verdicts and the full-model rows."""
     result = schema.upgrade(result)
     env = result["env"]
+    if not result["rows"] and result.get("model"):  # a --model-only run: its full-model rows alone
+        return "\n".join(
+            [
+                f"Measured on {table.machine(env)}, torch {env['torch']}, commit `{env['git_commit'][:12]}`, "
+                f"{env['timestamp_utc']}; KV cache: {result['model'].get('cache', 'dynamic')}.",
+                "",
+                *_model_table(result["model"]),
+            ]
+        )
     shape = result["config"]["shape"]
     cols = {c.header for c in table.columns(result["rows"])}
     batches = result["config"].get("decode_batches") or [1]
