@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..api import block_sparse_attention, run_layout, run_token_selection, select_backend
+from ..artifact import ModelShape
 from ..block_layout import BlockLayout
 from ..config import SparseAttentionConfig
 from ..errors import ConfigError
@@ -459,7 +460,7 @@ def _model_shape(model: torch.nn.Module) -> _ModelShape:
     return _ModelShape(layers, heads, int(kv_heads))
 
 
-def _check_config(config: SparseAttentionConfig, shape: _ModelShape) -> None:
+def _check_config(config: SparseAttentionConfig, shape: _ModelShape, model_shape: ModelShape) -> None:
     n = shape.num_layers
     if config.num_layers is not None and config.num_layers != n:
         raise ConfigError(f"config is for num_layers={config.num_layers}, the model has {n} layers")
@@ -471,6 +472,8 @@ def _check_config(config: SparseAttentionConfig, shape: _ModelShape) -> None:
         for method in config.methods_for_layer(layer, shape.num_heads):
             if method is not None:
                 method.check_fits(shape.num_heads, shape.num_kv_heads)
+            if isinstance(method, DynamicMethod):
+                method.check_model(model_shape)
 
 
 def _check_architecture(model: torch.nn.Module, allow_untested: bool) -> None:
@@ -513,7 +516,7 @@ def patch(
     config = resolve_config(method_or_config)
     _check_architecture(model, allow_untested)
     shape = _model_shape(model)
-    _check_config(config, shape)
+    _check_config(config, shape, ModelShape.from_hf_config(model.config))
     strict_mode = config.strict if strict is None else bool(strict)
     existing = _MODELS.get(model)
     if existing is not None and existing.active:

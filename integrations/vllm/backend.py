@@ -31,6 +31,7 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
+from ...artifact import ModelShape
 from ...config import SparseAttentionConfig
 from ...fallback import FallbackCounter
 from ...methods import DynamicMethod
@@ -232,6 +233,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
         self.config = config
         rank, world = _tensor_parallel()
         total_kv = vllm_config.model_config.get_total_num_kv_heads()
+        self._model_shape = ModelShape.from_hf_config(vllm_config.model_config.hf_config)
         self.shard = HeadShard(num_heads * world, total_kv, rank, world)
         self._methods: HeadMethods | None = None
         self._side: PagedSideStore | None = None
@@ -249,6 +251,7 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             if dynamic is not None:
                 check_shard(dynamic, self.shard)
                 dynamic.check_fits(self.num_heads, self.num_kv_heads)
+                dynamic.check_model(self._model_shape)
                 if self.kv_sharing_target_layer_name is not None:
                     raise NotImplementedError(
                         f"the sparse_attn backend does not support {dynamic.name} on a layer that shares "

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..artifact import ModelShape
 from ..block_layout import BlockLayout
 from ..errors import ConfigError, ShapeError
 from ..token_selection import TokenSelection
@@ -173,6 +174,10 @@ class DynamicMethod:
 
     def for_layer(self, layer_idx: int) -> DynamicMethod:
         return self
+
+    def check_model(self, model: ModelShape) -> None:
+        """Raise PlanFileError when this method's calibration artifact was made for another model
+        (the integrations call it once when they bind the method to a model); no-op without one."""
 
     def check_fits(self, num_heads: int, num_kv_heads: int) -> None:
         check_heads(num_heads, num_kv_heads)
