@@ -295,3 +295,32 @@ def test_full_selection_without_lse_matches_oracle_and_reuses_its_rows(hq, hkv, 
         (ref, _), _ = _oracle(q, k, v, sel, causal=True, kv_lens=kv_lens)
         out = sa.token_sparse_attention(q, k, v, sel, kv_lens=list(kv_lens))
         torch.testing.assert_close(out.to(torch.float64), ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize("layout", ["preallocated_slice", "heads_last", "v_differs"])
+@pytest.mark.parametrize("hname", ["HselKV", "Hsel1"])
+def test_strided_caches_match_oracle(layout, hname):
+    """K/V that are views, not contiguous tensors: a slice of a longer preallocated cache (a
+    StaticCache's; gathered in place) and [B, S, H, D] storage seen as [B, H, S, D] (gathered from a
+    copy). The fused path and the general one, with the same selection (its cached rows must follow
+    the layout)."""
+    sel = make_selection(SEL_HEADS[hname], seed=7, empty=(), last_only=())
+    m = int(sel.counts.min())
+    assert m < sel.k_max, "test setup: the selection must have unused slots"
+    full = sa.TokenSelection(sel.indices[..., :m].contiguous(), torch.full_like(sel.counts, m))
+    q, k, v = make_qkv(B, HQ, HKV, 1, SKV, D, seed=11, kv_lens=KV_LENS)
+    if layout == "preallocated_slice":
+        kbuf, vbuf = torch.randn(B, HKV, SKV + 29, D), torch.randn(B, HKV, SKV + 29, D)
+        kbuf[:, :, :SKV], vbuf[:, :, :SKV] = k, v
+        ks, vs = kbuf[:, :, :SKV], vbuf[:, :, :SKV]
+    elif layout == "heads_last":
+        ks = k.transpose(1, 2).contiguous().transpose(1, 2)
+        vs = v.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        ks, vs = k, v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (ks.is_contiguous() and vs.is_contiguous())
+    for s in (full, sel, full):
+        (ref, _), _ = _oracle(q, k, v, s, causal=True)
+        out = sa.token_sparse_attention(q, ks, vs, s, kv_lens=list(KV_LENS))
+        torch.testing.assert_close(out.to(torch.float64), ref, **FP32_TOL)
+        assert torch.equal(out, sa.token_sparse_attention(q, k, v, s, kv_lens=list(KV_LENS)))

@@ -32,11 +32,17 @@ def token_sparse_attention_torch(
     """Each query attends to its head's selected keys (plus log-weights). Returns out [B, Hq, Sq, Dv]
     and lse [B, Hq, Sq] (None unless ``need_lse``); rows outside q_lens, and rows with no selected
     key, are 0 with lse -inf."""
-    b, hkv, skv = k.shape[0], k.shape[1], k.shape[2]
+    b, hkv = k.shape[0], k.shape[1]
     selection = per_kv_head(selection, hkv)
+    k_rows, k_step = key_rows(k)
+    v_rows, v_step = key_rows(v)
+    if k_step != v_step:  # K and V laid out differently (rare): both as contiguous copies
+        k_rows, v_rows = k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+        k_step = (k.shape[1] * k.shape[2], k.shape[2])
+    batch_step, head_step = k_step
 
     def flat_rows(idx: torch.Tensor, kv_head: torch.Tensor) -> torch.Tensor:
-        base = (torch.arange(b, device=idx.device)[:, None] * hkv + kv_head[None, :]) * skv  # [B, U]
+        base = torch.arange(b, device=idx.device)[:, None] * batch_step + kv_head[None, :] * head_step  # [B, U]
         return (idx + base[..., None]).flatten()
 
     def gather(idx: torch.Tensor, kv_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,18 +51,33 @@ def token_sparse_attention_torch(
             # the selection's own indices, one per KV head: every layer of a step that shares the
             # selection (a static layout's) and the cache length reuses the flat rows
             cache = selection.__dict__.setdefault("_flat_rows", {})
-            key = (b, hkv, skv, idx.device)
+            key = (b, hkv, k_step, idx.device)
             if key not in cache:
                 cache.clear()
                 cache[key] = flat_rows(idx, kv_head)
             flat = cache[key]
         else:
             flat = flat_rows(idx, kv_head)
-        k_sel = k.reshape(-1, k.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
-        v_sel = v.reshape(-1, v.shape[-1]).index_select(0, flat).view(*idx.shape, -1)
+        k_sel = k_rows.index_select(0, flat).view(*idx.shape, -1)
+        v_sel = v_rows.index_select(0, flat).view(*idx.shape, -1)
         return k_sel, v_sel
 
     return _attend_selected(q, hkv, selection, scale, causal, q_lens, kv_lens, gather, need_lse)
+
+
+def key_rows(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``t`` [B, H, S, D] as a table of rows [R, D] without copying it when its rows are evenly
+    strided (a contiguous cache, or a slice of a longer preallocated one such as a StaticCache's),
+    and (rows per batch entry, rows per head): key j of (b, h) is row ``b * rb + h * rh + j``.
+    A reshape would copy the whole cache of a sliced view on every call."""
+    b, h, s, d = t.shape
+    sb, sh, ss, sd = t.stride()
+    rows_ok = sd == 1 and ss >= d and sb % ss == 0 and sh % ss == 0
+    if not rows_ok or t.numel() == 0:
+        return t.reshape(-1, d), (h * s, s)
+    rb, rh = sb // ss, sh // ss
+    count = (b - 1) * rb + (h - 1) * rh + s
+    return t.as_strided((count, d), (ss, 1)), (rb, rh)
 
 
 def _attend_selected(
