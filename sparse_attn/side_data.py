@@ -8,13 +8,14 @@ them (the last, partly filled block is recomputed, so block data stays exact).
 
 Stale data must never be used. The store trusts its data only for the exact continuation of what it
 covered: same batch size, heads, head dim, dtype and device, and every row's key count grown by the
-step's new tokens. Beyond that it checks the keys themselves, cheaply: every store keeps a one-number
-fingerprint per covered key (a fixed random projection over heads and channels) and, before reusing
-data, recomputes it for every key written by earlier decode steps (where beam search reorders rows
-and generations diverge) and for ``PROBES`` random keys of the rest (a new prompt or a reordered batch
-differs almost everywhere). When rows that cover the same positions only traded places (beam
-search's reorder), the stored rows follow them (``reorders``); any other mismatch, or any other doubt,
-rebuilds the layer's side data from K (``rebuilds``). A new prefill call always rebuilds.
+step's new tokens. Beyond that it checks the keys themselves, exactly and cheaply: it keeps a copy of
+the keys at a few check positions per row (``PROBES`` random positions of what its last rebuild
+covered, drawn then, and the ``RECENT`` newest keys written by decode steps, where beam search
+reorders rows and generations diverge) and, before reusing data, compares them with the cache (one
+gather and one comparison in the common case). When rows that cover the same positions only traded
+places (beam search's reorder), the stored rows follow them (``reorders``); any other mismatch, or
+any other doubt, rebuilds the layer's side data from K (``rebuilds``). A new prefill call always
+rebuilds. The check copies stay bounded: ``PROBES + RECENT`` keys per row and KV head.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from .errors import ShapeError
 from .methods.dynamic import DynamicMethod, SideSpec
 
-PROBES = 32  # random covered keys re-fingerprinted before side data is reused
-FINGERPRINT_RTOL = 1e-4
+PROBES = 32  # random keys of the rebuilt prefix, compared before side data is reused
+RECENT = 64  # newest keys written by decode steps, compared likewise
 
 
 def compute_side_data(method: DynamicMethod, k: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor | None:
@@ -91,10 +92,10 @@ class ContiguousSideStore:
         self.reorders = 0
         self._side: torch.Tensor | None = None
         self._lens: list[int] | None = None  # keys covered per row
-        self._fingerprints: torch.Tensor | None = None  # [B, capacity] float32
         self._since: list[int] | None = None  # per row: keys below this came from a rebuild
+        self._check_pos: torch.Tensor | None = None  # [B, W] int64 check positions per row
+        self._check_keys: torch.Tensor | None = None  # [B, Hkv, W, D] the keys seen there
         self._signature: tuple[object, ...] | None = None
-        self._projection: torch.Tensor | None = None
         self._rng = torch.Generator().manual_seed(seed)
 
     @property
@@ -103,7 +104,8 @@ class ContiguousSideStore:
         return self._side
 
     def reset(self) -> None:
-        self._side = self._lens = self._fingerprints = self._since = self._signature = None
+        self._side = self._lens = self._since = self._check_pos = self._check_keys = None
+        self._signature = None
 
     def update(self, k: torch.Tensor, kv_lens: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
         """Side data for right-padded k [B, Hkv, Skv, D] whose rows hold ``kv_lens`` keys, the last
@@ -130,59 +132,32 @@ class ContiguousSideStore:
     def _can_extend(self, k: torch.Tensor, kvl: list[int], new_tokens: int) -> bool:
         if self._side is None or self._signature != self._sig(k) or new_tokens <= 0:
             return False
-        assert self._lens is not None
+        assert self._lens is not None and self._check_keys is not None
         if [n - new_tokens for n in kvl] != self._lens:
             return False
-        sources = self._row_sources(k)
+        now = _gather_rows(k, self._check_pos)
+        if torch.equal(now, self._check_keys):  # nothing moved
+            return True
+        sources = self._row_sources(now)
         if sources is None:
             return False
-        if sources != list(range(len(sources))):
-            self._take_rows(sources)
+        self._take_rows(sources)
         return True
 
-    def _fingerprint(self, keys: torch.Tensor) -> torch.Tensor:
-        """One float32 per key: keys [B, Hkv, n, D] -> [B, n]."""
-        proj = self._projection
-        if proj is None or proj.shape != (keys.shape[1], keys.shape[3]) or proj.device != keys.device:
-            gen = torch.Generator().manual_seed(self.seed)
-            proj = self._projection = torch.randn(keys.shape[1], keys.shape[3], generator=gen).to(keys.device)
-        if keys.shape[2] > 256:  # a rebuild: no temporary the size of K
-            return torch.einsum("bhnd,hd->bn", keys.to(torch.float32), proj)
-        # a step's few keys: two small ops instead of einsum's reshapes (the per-step cost)
-        return (keys.to(torch.float32) * proj[None, :, None, :]).sum(dim=(1, 3))
-
-    def _row_sources(self, k: torch.Tensor) -> list[int] | None:
-        """For every row of k, the stored row whose covered keys it still holds (itself when nothing
-        moved; another row after a beam-search reorder), or None when some row matches none.
-
-        Rows may trade places only with rows that cover the same positions (the beams of one prompt);
-        each such group is checked on shared probe positions: every key written since the group's
-        last rebuild and ``PROBES`` random older ones."""
-        assert self._lens is not None and self._fingerprints is not None and self._since is not None
-        fps = self._fingerprints
-        sources = list(range(k.shape[0]))
+    def _row_sources(self, now: torch.Tensor) -> list[int] | None:
+        """For every row, the stored row whose check keys it holds now (after a beam-search reorder),
+        or None when some row matches none. Rows may trade places only with rows that cover the same
+        positions (the beams of one prompt), whose check positions are the same."""
+        assert self._lens is not None and self._since is not None and self._check_keys is not None
+        stored = self._check_keys
+        sources = list(range(now.shape[0]))
         groups: dict[tuple[int, int], list[int]] = {}
         for row, key in enumerate(zip(self._lens, self._since)):
             groups.setdefault(key, []).append(row)
-        for (n, since), members in groups.items():
-            cols = torch.arange(since, n)
-            if since:
-                cols = torch.cat((cols, torch.randint(0, since, (PROBES,), generator=self._rng)))
-            if cols.numel() == 0:
-                continue
-            cols = cols.to(k.device)
-            if len(members) == k.shape[0]:  # one group: all rows (a batch of one length)
-                keys, before = k.index_select(2, cols), fps.index_select(1, cols.to(fps.device))
-            else:
-                rows = torch.tensor(members, device=k.device)
-                keys = k.index_select(0, rows).index_select(2, cols)  # [g, Hkv, W, D]
-                before = fps.index_select(0, rows.to(fps.device)).index_select(1, cols.to(fps.device))
-            now = self._fingerprint(keys).to(fps.device)  # [g, W]
-            if bool(_close(now, before).all()):  # nothing moved
-                continue
-            if len(members) == 1:
-                return None
-            match = _close(now[:, None], before[None]).all(-1)  # [new row, stored row] of the group
+        for members in groups.values():
+            rows = torch.tensor(members, device=now.device)
+            a, b = now.index_select(0, rows), stored.index_select(0, rows)
+            match = (a[:, None] == b[None]).flatten(2).all(-1)  # [new row, stored row] of the group
             if not bool(match.any(-1).all()):
                 return None
             first = match.to(torch.int8).argmax(-1).tolist()  # first matching stored row
@@ -192,23 +167,28 @@ class ContiguousSideStore:
 
     def _take_rows(self, sources: list[int]) -> None:
         """Reorder the stored rows (beam search moved the cache's rows)."""
-        assert self._side is not None and self._fingerprints is not None
-        self._side = self._side.index_select(0, torch.tensor(sources, device=self._side.device))
-        self._fingerprints = self._fingerprints.index_select(
-            0, torch.tensor(sources, device=self._fingerprints.device)
-        )
+        assert self._side is not None and self._check_keys is not None
+        rows = torch.tensor(sources, device=self._side.device)
+        self._side = self._side.index_select(0, rows)
+        self._check_keys = self._check_keys.index_select(0, rows.to(self._check_keys.device))
         self.reorders += 1
 
     def _rebuild(self, spec: SideSpec, k: torch.Tensor, kvl: list[int]) -> None:
         lens = torch.tensor(kvl, device=k.device)
         self._side = _side_for(self.method, spec, k, lens, 0, k.shape[2])
-        self._fingerprints = self._fingerprint(k)
+        # PROBES positions per row below its length, one draw for all rows, so rows of one length
+        # (beams) are checked at the same positions (position 0 of an empty row: the rows stay one
+        # tensor; the slot's content only decides whether that row is rebuilt once more)
+        frac = torch.rand(1, PROBES, generator=self._rng)
+        self._check_pos = (frac * torch.tensor(kvl, dtype=torch.float64)[:, None]).to(torch.int64).to(k.device)
+        self._check_keys = _gather_rows(k, self._check_pos)
         self._lens = list(kvl)
         self._since = list(kvl)
         self._signature = self._sig(k)
 
     def _extend(self, spec: SideSpec, k: torch.Tensor, kvl: list[int]) -> None:
-        assert self._side is not None and self._lens is not None and self._fingerprints is not None
+        assert self._side is not None and self._lens is not None
+        assert self._check_pos is not None and self._check_keys is not None
         bs = spec.block_size
         old = min(self._lens)
         start = old // bs * bs  # first unit any row touches
@@ -219,13 +199,32 @@ class ContiguousSideStore:
         first = start // bs
         self._side = _with_capacity(self._side, 2, spec.units(k.shape[2]))
         self._side[:, :, first : first + fresh.shape[2]] = fresh
-        self._fingerprints = _with_capacity(self._fingerprints, 1, k.shape[2])
-        self._fingerprints[:, old:stop] = self._fingerprint(k[:, :, old:stop])
+        # the new keys join the check positions; beyond RECENT of them the oldest leave
+        new = kvl[0] - self._lens[0]
+        if len(set(self._lens)) == 1:
+            pos = torch.arange(old, old + new, device=k.device).expand(len(kvl), new)
+            keys = k[:, :, old : old + new]
+        else:
+            pos = torch.tensor(self._lens, device=k.device)[:, None] + torch.arange(new, device=k.device)
+            keys = _gather_rows(k, pos)
+        keep = max(PROBES, self._check_pos.shape[1] + new - RECENT)
+        if keep > PROBES:
+            self._check_pos = torch.cat((self._check_pos[:, :PROBES], self._check_pos[:, keep:], pos), dim=1)
+            self._check_keys = torch.cat(
+                (self._check_keys[:, :, :PROBES], self._check_keys[:, :, keep:], keys), dim=2
+            )
+        else:
+            self._check_pos = torch.cat((self._check_pos, pos), dim=1)
+            self._check_keys = torch.cat((self._check_keys, keys), dim=2)
         self._lens = list(kvl)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.isclose(a, b, rtol=FINGERPRINT_RTOL, atol=FINGERPRINT_RTOL)
+def _gather_rows(k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """k [B, H, S, D] at per-row positions pos [B, W] -> [B, H, W, D] (a copy)."""
+    b, h, _, d = k.shape
+    if b == 1:
+        return k.index_select(2, pos[0])
+    return torch.gather(k, 2, pos[:, None, :, None].expand(b, h, pos.shape[1], d))
 
 
 def _with_capacity(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

@@ -64,6 +64,7 @@ DECODE_CASES = [
     pytest.param(2, 6, 2, 300, 96, (300, 171), id="B2-T300-HQ6-H2-D96-pad"),
     pytest.param(2, 3, 3, 129, 128, (129, 64), id="B2-T129-MHA-D128-pad"),
     pytest.param(1, 8, 1, 63, 64, (63,), id="B1-T63-HQ8-H1-D64"),
+    pytest.param(2, 6, 3, 200, 64, (200, 200), id="B2-T200-HQ6-H3-D64-full"),
 ]
 BUDGETS = [dict(density=0.1), dict(tokens=40), dict(density=0.02)]
 
@@ -79,6 +80,22 @@ def test_topk_decode_selection_is_brute_force_topk(B, Hq, Hkv, Skv, D, kv_lens, 
     )
     _assert_selection(sel, expected)
     _assert_output_is_reference_over_selection(q, k, v, method, sel, kv_lens)
+
+
+@pytest.mark.parametrize("distinct", [3, 40])
+def test_topk_decode_ties_at_the_cut_go_to_the_earlier_key(distinct) -> None:
+    """Keys repeated from a few distinct ones tie exactly: the full-row fast path must defer to the
+    tie rule, and the selection stays the brute-force one."""
+    g = torch.Generator().manual_seed(distinct)
+    pool = torch.randn(2, 2, distinct, 64, generator=g)
+    k = pool[:, :, torch.randint(0, distinct, (301,), generator=g)]
+    q = torch.randn(2, 4, 1, 64, generator=g)
+    v = torch.randn_like(k)
+    method = sa.TopK(sink_tokens=3, local_tokens=5, density=0.1)
+    sel = sa.select(method, q, k, kv_lens=[301, 301])
+    expected = bfd.topk_decode(q, k, [1, 1], (301, 301), 64**-0.5, True, 0.1, None, 3, 5)
+    _assert_selection(sel, expected)
+    _assert_output_is_reference_over_selection(q, k, v, method, sel, (301, 301))
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,Skv,D,kv_lens", DECODE_CASES)
