@@ -251,7 +251,7 @@ class SparsePatch:
         own attention (dense by design, counted as ``prefill_by_design``, not as a fallback)."""
         _, query, key, value, _, _, scaling, _ = args
         decode = query.shape[2] == 1
-        if decode and self._crosses_over(method.budget(spans.kv_lens)[:, None], spans.kv_lens):
+        if decode and self._crosses_over_at(method, spans.kv_lens):
             # the side data is left as it is: the first sparse step finds it stale and rebuilds it
             return self._dense_crossover(state, *args)
         sc = check_scale(scaling, query.shape[-1])
@@ -303,6 +303,12 @@ class SparsePatch:
             return False
         total = int(kv_lens.sum())
         return total > 0 and int(kept.amax(dim=1).sum()) > limit * total
+
+    def _crosses_over_at(self, method: DynamicMethod, kv_lens: torch.Tensor) -> bool:
+        """``_crosses_over`` for a dynamic method's budget (not computed when no crossover is set)."""
+        if self.config.dense_above is None or self.strict:
+            return False
+        return self._crosses_over(method.budget(kv_lens)[:, None], kv_lens)
 
     def _dense_crossover(self, state: LayerState, *args: Any) -> tuple[torch.Tensor, Any]:
         self.calls["dense_crossover"] += 1

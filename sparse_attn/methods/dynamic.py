@@ -115,13 +115,15 @@ class DynamicMethod:
     # budget -------------------------------------------------------------------------------------------
     def budget(self, kv_lens: torch.Tensor) -> torch.Tensor:
         """Keys to select per row (int64 [B], host), the always-kept ones included, at most kv_len."""
-        kvl = kv_lens.to("cpu", torch.int64)
+        # per row in Python: a decode step asks once per layer, and a few ints cost less than the
+        # tensor ops on a CPU (the same float64 ceil as before)
+        lens = [int(n) for n in kv_lens.tolist()]
         if self.tokens is not None:
-            want = torch.full_like(kvl, self.tokens)
+            want = [min(self.tokens, n) for n in lens]
         else:
             assert self.density is not None
-            want = torch.ceil(kvl.to(torch.float64) * self.density).to(torch.int64)
-        return torch.minimum(want, kvl)
+            want = [min(math.ceil(n * self.density), n) for n in lens]
+        return torch.tensor(want, dtype=torch.int64)
 
     # hooks ---------------------------------------------------------------------------------------------
     def side_spec(self, head_dim: int) -> SideSpec | None:
