@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -285,3 +286,40 @@ def group_log_mass(
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     return torch.logsumexp(scores - lse, dim=2)
+
+
+def top_tokens_of_full_rows(
+    scores: torch.Tensor,  # [B, Hkv, G, N] scaled logits of each row's one query per query head
+    kv_lens: torch.Tensor,
+    q_lens: torch.Tensor,
+    budget: Callable[[torch.Tensor], torch.Tensor],
+    sink: int,
+    local: int,
+) -> TokenSelection | None:
+    """The common decode step of a token-level selector (one query per row, every row holding all N
+    keys, one budget) in a dozen ops: the group's attention mass in the linear domain (the order of
+    ``group_log_mass`` without its logsumexps, which cost more than the scores' matmul on a CPU), the
+    always-kept keys ranked first, one partial ``topk``, its indices sorted. None (the caller's
+    general path, ``group_log_mass`` + ``top_by_score``, decides) when the rows are not full, the
+    always-kept keys fill the budget, or a mass ties the cut (the general path breaks ties by index;
+    a mass that underflowed to 0 ties too)."""
+    b, hkv, _, n = scores.shape
+    if any(x != n for x in kv_lens.tolist()) or any(x != 1 for x in q_lens.tolist()):
+        return None
+    count = int(budget(kv_lens[:1])[0])
+    sink, local = min(sink, n), min(local, n)
+    if count >= n or sink + local >= count:
+        return None
+    e = (scores - scores.amax(-1, keepdim=True)).exp_()
+    keyed = e.div_(e.sum(-1, keepdim=True)).sum(2)  # [B, Hkv, N]
+    keyed[..., :sink] = float("inf")
+    keyed[..., n - local :] = float("inf")
+    top = torch.topk(keyed, count, dim=-1, sorted=False)
+    cut = top.values.amin(-1, keepdim=True)  # [B, Hkv, 1]
+    # no other key has as much mass as the last one taken (else the tie rule applies), and every
+    # taken key has some (none: underflow, or no key at all)
+    if bool(((keyed >= cut).sum(-1) != count).any()) or bool((cut <= 0).any()):
+        return None
+    indices = top.indices.sort(dim=-1).values
+    counts = torch.full((b, hkv), count, dtype=torch.int64, device=scores.device)
+    return TokenSelection(indices, counts).built_for(kv_lens.to("cpu", torch.int64))

@@ -33,6 +33,7 @@ from .dynamic import (
     group_log_mass,
     mask_to_selection,
     top_by_score,
+    top_tokens_of_full_rows,
 )
 
 # Score elements computed at once by the prefill oracle (bounds its temporaries at ~64 MiB fp32).
@@ -72,7 +73,7 @@ class TopK(DynamicMethod):
     ) -> TokenSelection:
         assert k is not None, "TopK reads the keys"
         scores = exact_scores(q, k, kv_lens, q_lens, scale, causal, backend)  # [B, Hkv, G*Sq, N]
-        fast = self._full_rows_selection(scores, kv_lens, q_lens)
+        fast = top_tokens_of_full_rows(scores, kv_lens, q_lens, self.budget, self.sink_tokens, self.local_tokens)
         if fast is not None:
             return fast
         score = group_log_mass(scores)  # [B, Hkv, N]
@@ -80,36 +81,6 @@ class TopK(DynamicMethod):
         forced = always_kept(kv_lens, n, self.sink_tokens, self.local_tokens, score.device)
         chosen = top_by_score(score, forced[:, None].expand(b, hkv, n), self.budget(kv_lens)[:, None])
         return mask_to_selection(chosen).built_for(kv_lens.to("cpu", torch.int64))
-
-    def _full_rows_selection(
-        self, scores: torch.Tensor, kv_lens: torch.Tensor, q_lens: torch.Tensor
-    ) -> TokenSelection | None:
-        """The common decode step (one query per row, every row holding all N keys, one budget) in a
-        dozen ops: the group's attention mass in the linear domain (the same order as
-        ``group_log_mass``, without its logsumexps, which cost more than the scores' matmul on a
-        CPU), the always-kept keys ranked first, one partial ``topk``, its indices sorted. None (the
-        general path decides) when the rows are not full, the always-kept keys fill the budget, or a
-        mass ties the cut (the general path breaks ties by index; a mass that underflowed to 0 ties)."""
-        b, hkv, _, n = scores.shape
-        if any(x != n for x in kv_lens.tolist()) or any(x != 1 for x in q_lens.tolist()):
-            return None
-        count = int(self.budget(kv_lens[:1])[0])
-        sink, local = min(self.sink_tokens, n), min(self.local_tokens, n)
-        if count >= n or sink + local >= count:
-            return None
-        e = (scores - scores.amax(-1, keepdim=True)).exp_()
-        keyed = e.div_(e.sum(-1, keepdim=True)).sum(2)  # [B, Hkv, N]
-        keyed[..., :sink] = float("inf")
-        keyed[..., n - local :] = float("inf")
-        top = torch.topk(keyed, count, dim=-1, sorted=False)
-        cut = top.values.amin(-1, keepdim=True)  # [B, Hkv, 1]
-        # no other key has as much mass as the last one taken (else the tie rule applies), and every
-        # taken key has some (none: underflow, or no key at all; the general path decides)
-        if bool(((keyed >= cut).sum(-1) != count).any()) or bool((cut <= 0).any()):
-            return None
-        indices = top.indices.sort(dim=-1).values
-        counts = torch.full((b, hkv), count, dtype=torch.int64, device=scores.device)
-        return TokenSelection(indices, counts).built_for(kv_lens.to("cpu", torch.int64))
 
     # prefill -----------------------------------------------------------------------------------------
     def select_prefill(
