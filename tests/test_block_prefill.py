@@ -13,7 +13,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.block_layout import BlockLayout
-from sparse_attn.kernels import block_prefill
+from sparse_attn.kernels import band_prefill, block_prefill
 from sparse_attn.kernels.block_prefill import block_sparse_attention_torch
 
 try:
@@ -101,8 +101,11 @@ def _check(method, shape, **kw) -> BlockLayout:
 @pytest.mark.parametrize(
     "chunk_bytes", [block_prefill.CHUNK_BYTES, 40_000], ids=["chunk-default", "chunk-small"]
 )
-def test_prefill_kernel_matches_oracle(name, shape, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("band", [True, False], ids=["band-kernel-on", "blocks-only"])
+def test_prefill_kernel_matches_oracle(name, shape, chunk_bytes, band, monkeypatch):
     monkeypatch.setattr(block_prefill, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(band_prefill, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(block_prefill, "BAND_PREFILL", band)
     _check(METHODS[name](shape[2]), shape)
 
 
@@ -111,6 +114,7 @@ def test_prefill_kernel_matches_oracle(name, shape, chunk_bytes, monkeypatch):
 )
 @pytest.mark.parametrize("waste", [0.0, 100.0], ids=["per-query-head", "group-union"])
 def test_moa_group_union_and_per_head_units_agree(shape, waste, monkeypatch):
+    monkeypatch.setattr(block_prefill, "BAND_PREFILL", False)  # the block kernel's own paths
     monkeypatch.setattr(block_prefill, "UNION_WASTE", waste)
     monkeypatch.setattr(block_prefill, "CHUNK_BYTES", 40_000)
     _check(_moa(shape[2]), shape)
@@ -122,6 +126,7 @@ def _plans(layout: BlockLayout) -> dict:
 
 @pytest.mark.parametrize("waste,heads", [(0.0, 1), (100.0, 4)], ids=["per-query-head", "group-union"])
 def test_union_choice_sets_the_unit(waste, heads, monkeypatch):
+    monkeypatch.setattr(block_prefill, "BAND_PREFILL", False)  # the block kernel's own paths
     monkeypatch.setattr(block_prefill, "UNION_WASTE", waste)
     shape = ((300,), (300,), 8, 2, 32, True)
     layout = _check(_moa(8), shape)
@@ -129,7 +134,9 @@ def test_union_choice_sets_the_unit(waste, heads, monkeypatch):
     assert {g.heads for g in groups} == {heads}
 
 
-def test_plan_is_kept_on_the_layout_and_reused():
+@pytest.mark.parametrize("band", [True, False], ids=["band-kernel", "block-kernel"])
+def test_plan_is_kept_on_the_layout_and_reused(band, monkeypatch):
+    monkeypatch.setattr(block_prefill, "BAND_PREFILL", band)
     shape = ((1000,), (1000,), 8, 2, 64, True)
     method = METHODS["SinkLocal"](8)
     layout = _check(method, shape)
@@ -147,7 +154,9 @@ def test_plan_is_kept_on_the_layout_and_reused():
     v2 = torch.cat([v, torch.full((1, 2, 40, 64), 1e4)], dim=2)
     out2, _ = block_sparse_attention_torch(q, k2, v2, layout, 64**-0.5, need_lse=False)
     torch.testing.assert_close(out2.double(), ref_out, **TOL)
-    assert len(_plans(layout)) == len(plans) + 1
+    # (the band kernel's plan depends on the layout alone; the block kernel's on the blocks of K/V)
+    assert len(_plans(layout)) == len(plans) + (0 if band else 1)
+    assert any(isinstance(p, band_prefill.BandPlan) for p in plans.values()) == band
 
 
 @pytest.mark.parametrize("chunk_bytes", [block_prefill.CHUNK_BYTES, 1], ids=["one-chunk", "chunk-per-tile"])
@@ -227,8 +236,10 @@ def test_gradients_match_the_oracle(name):
         torch.testing.assert_close(g, ref, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("band", [True, False], ids=["band-kernel", "block-kernel"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_key_reaches_only_the_rows_that_attend_it(bad):
+def test_non_finite_key_reaches_only_the_rows_that_attend_it(bad, band, monkeypatch):
+    monkeypatch.setattr(block_prefill, "BAND_PREFILL", band)
     # key 30 lies in a partial block (window edge) of later tiles: masked there, it must not leak
     # (a NaN poisons exactly the rows that attend it; an inf's effect on them depends on its sign)
     method = sa.SinkLocal(sink_tokens=2, window_tokens=8, block_size=16)
@@ -246,3 +257,71 @@ def test_non_finite_key_reaches_only_the_rows_that_attend_it(bad):
     k_ok[0, 0, 30] = 0.0
     ref_out, _ = dense_attention(q, k_ok, v, mask)
     torch.testing.assert_close(out[0][:, clean].double(), ref_out[0][:, clean], **TOL)
+
+
+# (sink, window, block) x shapes: windows narrower than a tile, sinks past the window, sinks past the
+# row, blocks that do not divide the lengths
+BAND_CASES = [(4, 37, 16), (0, 5, 16), (20, 3, 8), (3, 1, 16), (64, 200, 32), (2000, 30, 16), (5, 100, 64)]
+BAND_SHAPES = [
+    ((1000,), (1000,), 8, 2, 64, True),
+    ((63, 1, 40), (63, 1, 40), 6, 2, 32, True),
+    ((200, 17), (1000, 300), 3, 1, 48, True),
+    ((129,), (129,), 4, 4, 96, True),
+]
+
+
+@pytest.mark.parametrize("case", BAND_CASES, ids=lambda c: f"s{c[0]}-w{c[1]}-b{c[2]}")
+@pytest.mark.parametrize("shape", BAND_SHAPES, ids=[_sid(s) for s in BAND_SHAPES])
+def test_band_kernel_runs_sink_window_layouts_exactly(case, shape, monkeypatch):
+    """SinkLocal layouts run on the band kernel (a BandPlan is kept on the layout), in one chunk
+    or in chunks of a tile, equal to the oracle."""
+    sink, window, block = case
+    for chunk in (band_prefill.CHUNK_BYTES, 1):
+        monkeypatch.setattr(band_prefill, "CHUNK_BYTES", chunk)
+        layout = _check(sa.SinkLocal(sink_tokens=sink, window_tokens=window, block_size=block), shape)
+        assert all(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values())
+
+
+def test_band_kernel_units_follow_per_head_spans():
+    """MoA: heads of a KV head with equal spans share a unit, others get their own."""
+    moa = sa.MoA(
+        alphas=[[40.0, 40.0, 90.0, 17.0, 17.0, 17.0]], betas=[[0.0] * 6], sink_tokens=5, min_span=9, block_size=16
+    )
+    layout = _check(moa, ((300,), (300,), 6, 2, 32, True))
+    (plan,) = _plans(layout).values()
+    assert [(u.kv_head, u.heads, u.window) for u in plan.units] == [
+        (0, slice(0, 2), 40),
+        (0, slice(2, 3), 90),
+        (1, slice(3, 6), 17),
+    ]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        sa.S2(block_size=16, local_blocks=3, vert_stride=4),
+        sa.BlockSparse(block_size=16, sink_blocks=1, local_blocks=2),
+    ],
+    ids=["S2", "A-shape"],
+)
+def test_block_patterns_stay_on_the_block_kernel(method):
+    layout = _check(method, ((300,), (300,), 4, 2, 32, True))
+    assert not any(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values())
+
+
+def test_a_window_that_lists_fewer_blocks_stays_on_the_block_kernel():
+    """A sink + window layout whose blocks are a subset of the window's (a window intersected with
+    another pattern) is not a band: the band kernel would attend keys the layout leaves out."""
+    n, bs = 128, 16
+    full_layout = sa.SinkLocal(sink_tokens=2, window_tokens=40, block_size=bs).plan([n], [n], 2, 1)
+    idx, counts = full_layout.kv_indices.clone(), full_layout.kv_counts.clone()
+    counts[0, 0, -1] -= 1  # the last tile drops one of its blocks
+    layout = BlockLayout(
+        idx, counts, full_layout.full, bs, bs, torch.tensor([n]), torch.tensor([n]), causal=True,
+        sink_tokens=torch.tensor([[2]]), window_tokens=torch.tensor([[40]]),
+    ).validate()
+    q, k, v = make_qkv(1, 2, 1, n, n, 32, seed=4)
+    ref_out, _ = dense_attention(q, k, v, layout.to_dense_mask())
+    out, _ = block_sparse_attention_torch(q, k, v, layout, 32**-0.5, need_lse=False)
+    torch.testing.assert_close(out.double(), ref_out, **TOL)
+    assert not any(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values())

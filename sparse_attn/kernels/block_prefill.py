@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_layout import BlockLayout
+from .band_prefill import band_attention_row, band_plan
 from .common import accum_dtype, head_units
 
 # Upper bound on the scratch (scores + gathered K/V) of one chunk of tiles, in bytes.
@@ -32,6 +33,10 @@ UNIT_PAD = 0.05
 # their key blocks (one gather, 4x taller matmuls, a mask per head) while the union costs at most
 # this factor of the blocks the heads list themselves; otherwise each query head is its own unit.
 UNION_WASTE = 1.3
+
+# Causal sink + window layouts (SinkLocal, MoA) run on the token-gathered band kernel
+# (``band_prefill``), which computes fewer scores than whole blocks; False keeps them on this one.
+BAND_PREFILL = True
 
 # palette entry kinds
 _BLOCKED, _FULL, _PARTIAL = 0, 1, 2
@@ -399,7 +404,7 @@ def _row_attention(
             lse_out[:, :, c.r0 : c.r1] = lse[:, :, c.r0 - base : c.r1 - base]
 
 
-def _cached_plan(layout: BlockLayout, key: tuple, build) -> list[_Group]:
+def _cached_plan(layout: BlockLayout, key: tuple, build):
     """The row plan for ``key``, built on first use and kept on the layout (plan once, run many)."""
     plans = layout.__dict__.get("_prefill_plans")
     if plans is None:
@@ -444,16 +449,23 @@ def block_sparse_attention_torch(
         out[row, :, q_len:] = 0
         if layout.geometry(row).num_tiles == 0:
             continue
+        k_row, v_row = k[row], v[row]  # [Hkv, Skv, D]
+        # A sum is finite only when every term is: one pass over q and k (O(N D), small next to the
+        # attention, no temporary) picks the fast mask; an overflowing sum only costs the slow one.
+        finite = bool(torch.isfinite(q[row].sum(dtype=acc))) and bool(torch.isfinite(k_row.sum(dtype=acc)))
+        band = None
+        if BAND_PREFILL and not grad:  # the band kernel has no autograd path
+            band = _cached_plan(layout, ("band", row, hq, hkv), lambda row=row: band_plan(layout, row, hq, hkv))
+        if band is not None:
+            row_lse = None if lse is None else lse[row]
+            band_attention_row(q[row], k_row, v_row, band, scale, acc, out[row], row_lse, finite)
+            continue
         key = (row, hq, hkv, n_blocks, d, dv, size, str(q.device))
         groups = _cached_plan(
             layout,
             key,
             lambda row=row: _plan(layout, row, hq, hkv, n_blocks, per_block_unit, acc, q.device),
         )
-        k_row, v_row = k[row], v[row]  # [Hkv, Skv, D]
-        # A sum is finite only when every term is: one pass over q and k (O(N D), small next to the
-        # attention, no temporary) picks the fast mask; an overflowing sum only costs the slow one.
-        finite = bool(torch.isfinite(q[row].sum(dtype=acc))) and bool(torch.isfinite(k_row.sum(dtype=acc)))
         if pad:  # whole blocks only: the tail past kv_len is masked
             k_row, v_row = F.pad(k_row, (0, 0, 0, pad)), F.pad(v_row, (0, 0, 0, pad))
         k_blk = k_row.reshape(hkv * n_blocks, bk * d)
