@@ -311,3 +311,20 @@ def test_collect_key_stats_restores_the_model_and_needs_keys() -> None:
     assert stats.tokens() == 3
     with pytest.raises(ConfigError, match="no keys"):
         collect_key_stats(model, []).means()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_triton_scoring_matches_torch(tmp_path, dtype, monkeypatch) -> None:
+    """backend='triton' scores the projected vectors (odd r) with the TopK scoring kernel."""
+    from sparse_attn.triton_kernels import dynamic_scores
+
+    calls = []
+    kernel = dynamic_scores.topk_scores
+    monkeypatch.setattr(dynamic_scores, "topk_scores", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    method = sa.Loki(tokens=40, rank=13, basis=random_basis(tmp_path / "b", 2, 64))
+    q, k, v = (t.to(dtype) for t in make_qkv(2, 6, 2, 1, 230, 64, kv_lens=(230, 101), seed=11))
+    sel_t = sa.select(method, q, k, kv_lens=[230, 101], backend="triton")
+    assert calls, "backend='triton' did not run the scoring kernel"
+    sel_c = sa.select(method, q, k, kv_lens=[230, 101], backend="torch")
+    assert torch.equal(sel_t.counts, sel_c.counts) and torch.equal(sel_t.indices, sel_c.indices)
+    assert int(sel_t.counts.min()) < 101

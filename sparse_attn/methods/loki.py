@@ -234,13 +234,16 @@ class Loki(DynamicMethod):
 
     def check_fits(self, num_heads: int, num_kv_heads: int) -> None:
         super().check_fits(num_heads, num_kv_heads)
-        if self.basis is not None:
-            made = self.artifact().model.num_kv_heads
-            if made != num_kv_heads:
-                raise ConfigError(
-                    f"the Loki basis {self.artifact().path} has {made} KV heads per layer, the layer has "
-                    f"{num_kv_heads} (tensor parallelism that splits KV heads is not supported for Loki)"
-                )
+        if self.basis is None:
+            return
+        # a bound layer answers from its projection (no file lookup on the per-call path)
+        proj = self.__dict__.get("_projection")
+        made = proj.shape[0] if proj is not None else self.artifact().model.num_kv_heads
+        if made != num_kv_heads:
+            raise ConfigError(
+                f"the Loki basis {self.basis} has {made} KV heads per layer, the layer has "
+                f"{num_kv_heads} (tensor parallelism that splits KV heads is not supported for Loki)"
+            )
 
     # side data -----------------------------------------------------------------------------------------
     def side_spec(self, head_dim: int) -> SideSpec:
