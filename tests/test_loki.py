@@ -322,7 +322,7 @@ def test_triton_scoring_matches_torch(tmp_path, dtype, monkeypatch) -> None:
     kernel = dynamic_scores.topk_scores
     monkeypatch.setattr(dynamic_scores, "topk_scores", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     method = sa.Loki(tokens=40, rank=13, basis=random_basis(tmp_path / "b", 2, 64))
-    q, k, v = (t.to(dtype) for t in make_qkv(2, 6, 2, 1, 230, 64, kv_lens=(230, 101), seed=11))
+    q, k, _ = (t.to(dtype) for t in make_qkv(2, 6, 2, 1, 230, 64, kv_lens=(230, 101), seed=11))
     sel_t = sa.select(method, q, k, kv_lens=[230, 101], backend="triton")
     assert calls, "backend='triton' did not run the scoring kernel"
     sel_c = sa.select(method, q, k, kv_lens=[230, 101], backend="torch")
