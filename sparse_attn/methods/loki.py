@@ -131,9 +131,10 @@ class Loki(DynamicMethod):
 
     ``density`` or ``tokens`` counts every selected key (default density 0.125, the paper's
     ``top_k=0.125``: approximate scores need more keys than the exact oracle's 5% to keep the same
-    ones). ``rank`` (r directions, in [1, D]) or ``variance`` (the explained-energy fraction per head,
-    in (0, 1]; default 0.9 — with the shipped basis SmolLM2 needs a median of 26 of its 64 directions per head for it, 14 to 46) sets r. ``basis``
-    is the calibration artifact's path or ``"smollm2"``; ``layer`` is set by ``for_layer``."""
+    ones). ``rank`` (r directions, in [1, D]) or ``variance`` (the explained-energy fraction per
+    head, in (0, 1]; default 0.9: with the shipped basis SmolLM2's heads need a median of 26 of their
+    64 directions for it, 14 to 46) sets r. ``basis`` is the calibration artifact's path or
+    ``"smollm2"``; ``layer`` is set by ``for_layer``."""
 
     name: ClassVar[str] = "loki"
     default_density: ClassVar[float | None] = 0.125
