@@ -12,6 +12,8 @@
     sparse-attn bench quest-bound [--model smollm2|DIR] [--length 4k] [--blocks 16,8] [--out DIR]
     sparse-attn bench report JSON [--readme README.md]
                                  [--json PATH] [--repeats N] [--threads N] [--flex/--no-flex]
+    sparse-attn calibrate loki --model smollm2|DIR --data FILE... --out PATH
+                               [--max-tokens N] [--seq-len N] [--threads N]
 
 Subcommands import what they need when they run; importing this module has no side effects.
 """
@@ -212,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="dense,sink_local,s2,a_shape",
         help="comma-separated presets (dense, sink_local, s2, a_shape), dynamic methods at their "
-        "defaults (topk, quest) or config .json paths",
+        "defaults (topk, quest, loki) or config .json paths",
+    )
+    ap.add_argument(
+        "--loki-basis",
+        default="smollm2",
+        metavar="smollm2|PATH",
+        help="calibration artifact of --methods loki (default: the basis shipped for smollm2)",
     )
     ap.add_argument("--lengths", type=_length_list, default=[1024, 2048], metavar="1k,2k,4k,8k")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
@@ -340,12 +348,78 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--threads", type=_positive_int, default=2, metavar="N", help="torch threads (2)")
     dp.add_argument("--model", default="smollm2", metavar="smollm2|DIR", help="model (default smollm2)")
     dp.set_defaults(handler=_cmd_demo)
+
+    cal = sub.add_parser("calibrate", help="make a calibration artifact for a content-based method")
+    cal_sub = cal.add_subparsers(dest="calibrate_command", metavar="METHOD")
+    cal_sub.required = True
+    lk = cal_sub.add_parser(
+        "loki",
+        help="Loki basis: PCA of the model's post-RoPE keys per layer and KV head",
+        description="Runs the model over the text files (concatenated in order, cut into --seq-len "
+        "windows, at most --max-tokens tokens), sums each layer's and KV head's post-RoPE keys and their "
+        "outer products, and writes the principal directions as OUT.safetensors + OUT.json (the "
+        "sidecar records the model's shape and this command line).",
+    )
+    lk.add_argument("--model", default="smollm2", metavar="smollm2|DIR", help="model (default smollm2)")
+    lk.add_argument("--data", nargs="+", required=True, metavar="FILE", help="text files to calibrate on")
+    lk.add_argument("--out", required=True, metavar="PATH", help="artifact path (without suffix)")
+    lk.add_argument(
+        "--max-tokens", type=_parse_length, default=None, metavar="N", help="token cap (default: all)"
+    )
+    lk.add_argument("--seq-len", type=_parse_length, default=2048, metavar="N", help="window (2048)")
+    lk.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch threads")
+    lk.set_defaults(handler=_cmd_calibrate_loki)
     return parser
 
 
-def _methods_arg(text: str, dynamic: bool = False) -> dict[str, object]:
+def _cmd_calibrate_loki(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    import torch
+
+    from .calibration import calibrate_loki, token_windows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print("error: calibrate needs tqdm: pip install tqdm", file=sys.stderr)
+        return 2
+    texts = []
+    for name in args.data:
+        path = Path(name)
+        if not path.is_file():
+            print(f"error: --data file not found: {path}", file=sys.stderr)
+            return 2
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    model, tokenizer = _import_bench("accuracy").load_model(args.model)
+    windows = token_windows(texts, tokenizer, args.seq_len, args.max_tokens)
+    total = sum(len(w) for w in windows)
+    command = shlex.join(["sparse-attn", *sys.argv[1:]]) if sys.argv[1:] else "sparse-attn calibrate loki"
+    meta = {"model": args.model, "data": list(args.data)}
+    with tqdm(total=total, desc="calibrate loki", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
+        tensors, stats = calibrate_loki(
+            model,
+            windows,
+            seq_len=args.seq_len,
+            out=args.out,
+            command=command,
+            meta=meta,
+            progress=bar.update,
+        )
+    print(
+        f"wrote {Path(args.out).with_suffix('.safetensors')} and .json: {stats.tokens()} tokens, "
+        f"basis {tuple(tensors['basis'].shape)}"
+    )
+    return 0
+
+
+def _methods_arg(text: str, dynamic: bool = False, loki_basis: str = "smollm2") -> dict[str, object]:
     """{name: config} for comma-separated presets and config paths; with ``dynamic``, also the
-    dynamic methods by name (``topk``, ``quest``) at their default settings."""
+    dynamic methods by name (``topk``, ``quest``, ``loki`` with ``loki_basis``) at their default
+    settings."""
     from pathlib import Path
 
     from .methods import METHODS, DynamicMethod
@@ -355,7 +429,7 @@ def _methods_arg(text: str, dynamic: bool = False) -> dict[str, object]:
     for name in (x.strip() for x in text.split(",") if x.strip()):
         cls = METHODS.get(name)
         if dynamic and cls is not None and issubclass(cls, DynamicMethod):
-            out[name] = cls()
+            out[name] = cls(basis=loki_basis) if name == "loki" else cls()
             continue
         out[Path(name).stem if name.endswith(".json") else name] = (
             None if name == "dense" else resolve_config(name)
@@ -373,7 +447,7 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    methods = _methods_arg(args.methods, dynamic=True)
+    methods = _methods_arg(args.methods, dynamic=True, loki_basis=args.loki_basis)
     if args.densities:
         methods = accuracy.expand_densities(methods, args.densities)
     model, tokenizer = accuracy.load_model(args.model)

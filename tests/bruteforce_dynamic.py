@@ -147,3 +147,29 @@ def topk_prefill_blocks(q, k, q_len, kv_len, b, scale, causal, density, tokens, 
             n_blocks = math.ceil(budget(visible, density, tokens) / block)
             out[(h, t - first_tile)] = _pick(score, forced, n_blocks)
     return out
+
+
+def loki_decode(q, k, basis, ranks, q_lens, kv_lens, scale, causal, density, tokens, sink, local):
+    """Loki: logits (q P_h)(k P_h)^T * scale with P_h the first ranks[h] columns of basis[h] [D, D],
+    then TopK's group mass, forced keys and budget."""
+    B, Hq = q.shape[0], q.shape[1]
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    out = []
+    for b in range(B):
+        kl, ql = int(kv_lens[b]), int(q_lens[b])
+        per_head = []
+        for h in range(Hkv):
+            p = basis[h][:, : ranks[h]].double()
+            projected = [k[b, h, j].double() @ p for j in range(kl)]
+            row_logits = []
+            for qv, pos in _group_rows(q, b, h, group, ql, kl, causal):
+                qp = qv @ p
+                row_logits.append(
+                    {j: float(qp @ projected[j]) * scale for j in range(kl) if (not causal or j <= pos)}
+                )
+            mass = _log_group_mass(row_logits)
+            forced = {j for j in range(kl) if j < sink or j >= kl - local}
+            per_head.append(_pick(mass, forced, budget(kl, density, tokens)))
+        out.append(per_head)
+    return out

@@ -101,3 +101,14 @@ def outputs(model: Any, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) ->
     """Logits of a causal LM, last hidden state of an encoder."""
     out = model(input_ids=ids, attention_mask=mask, **kwargs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def loki_basis(arch: str, path: Any, tokens: int = 192, seed: int = 0, **build_kwargs: Any) -> str:
+    """Calibrate a Loki basis for ``build(arch, **build_kwargs)`` on random token ids; returns the
+    artifact path (without suffix)."""
+    from sparse_attn.calibration import calibrate_loki
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (tokens,), generator=g).tolist()
+    calibrate_loki(build(arch, **build_kwargs), [ids], seq_len=64, out=path, command=f"tests: loki_basis({arch!r})")
+    return str(path)

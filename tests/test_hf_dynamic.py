@@ -1,4 +1,4 @@
-"""Dynamic methods (TopK, Quest) through the Hugging Face patch: dense limit, cached decode against a
+"""Dynamic methods (TopK, Quest, Loki) through the Hugging Face patch: dense limit, cached decode against a
 float64 reference over exactly the keys each step reports selecting, and no stale side data across
 generate calls, beam search and left-padded batches."""
 
@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import DECODERS, build, inputs
+from hf_models import DECODERS, build, inputs, loki_basis
 from oracle import dense_attention
 
 import sparse_attn
-from sparse_attn import S2, Quest, SparseAttentionConfig, TopK
+from sparse_attn import S2, Loki, Quest, SparseAttentionConfig, TopK
 from sparse_attn.integrations.hf import SparsePatch
 from sparse_attn.side_data import ContiguousSideStore
 
@@ -20,13 +20,23 @@ SPARSE = {
     "topk": TopK(tokens=12, sink_tokens=2, local_tokens=3, block_size=8),
     "quest": Quest(tokens=16, sink_tokens=2, local_tokens=4, block_size=4),
 }
+NAMES = ["loki", "quest", "topk"]
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory) -> dict[str, object]:
+    """SPARSE plus Loki with a basis calibrated for the tiny llama (rank 6 of its 16 dims)."""
+    basis = loki_basis("llama", tmp_path_factory.mktemp("loki") / "llama")
+    return {**SPARSE, "loki": Loki(tokens=12, sink_tokens=2, local_tokens=3, rank=6, basis=basis)}
 
 
 @pytest.mark.parametrize("arch", [a for a in DECODERS if a.window is None][:3], ids=lambda a: a.name)
-@pytest.mark.parametrize(
-    "method", [TopK(density=1.0, block_size=8), Quest(density=1.0, block_size=4)], ids=["topk", "quest"]
-)
-def test_budget_covering_the_row_generates_like_the_unpatched_model(arch, method) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_budget_covering_the_row_generates_like_the_unpatched_model(arch, name, tmp_path) -> None:
+    if name == "loki":
+        method = Loki(density=1.0, rank=4, basis=loki_basis(arch.name, tmp_path / "basis"))
+    else:
+        method = TopK(density=1.0, block_size=8) if name == "topk" else Quest(density=1.0, block_size=4)
     model = build(arch.name)
     ids, mask = inputs(arch, 2, 30, PADS)
     with torch.no_grad():
@@ -36,14 +46,14 @@ def test_budget_covering_the_row_generates_like_the_unpatched_model(arch, method
             stats = sparse_attn.stats(model)
     assert torch.equal(got, expected)
     assert stats["fallbacks"] == {}
-    assert stats["prefill_by_design"] == (2 if isinstance(method, Quest) else 0)
+    assert stats["prefill_by_design"] == (0 if isinstance(method, TopK) else 2)
 
 
-@pytest.mark.parametrize("name", sorted(SPARSE))
-def test_cached_decode_equals_float64_attention_over_the_reported_selection(name, monkeypatch) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_decode_equals_float64_attention_over_the_reported_selection(name, sparse, monkeypatch) -> None:
     """Every decode call of every layer: the patch's output equals float64 attention over exactly the
     keys its selection names (mapped back through the left padding the test built)."""
-    method = SPARSE[name]
+    method = sparse[name]
     original = SparsePatch._attend_dynamic
     checked = []
 
@@ -98,28 +108,28 @@ def test_a_new_generate_never_uses_the_previous_prompts_side_data() -> None:
     assert torch.equal(again, fresh)
 
 
-@pytest.mark.parametrize("name", sorted(SPARSE))
-def test_beam_search_equals_a_store_that_always_rebuilds(name, monkeypatch) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_beam_search_equals_a_store_that_always_rebuilds(name, sparse, monkeypatch) -> None:
     model = build("llama")
     ids, mask = inputs(DECODERS[0], 2, 40, PADS)
     kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, **GEN)
-    with torch.no_grad(), sparse_attn.patch(model, SPARSE[name]) as handle:
+    with torch.no_grad(), sparse_attn.patch(model, sparse[name]) as handle:
         got = model.generate(ids, attention_mask=mask, **kw)
         stores = [s.store for s in handle.layers.values()]
     with monkeypatch.context() as m:
         m.setattr(ContiguousSideStore, "_can_extend", lambda self, *a: False)
-        with torch.no_grad(), sparse_attn.patch(model, SPARSE[name]):
+        with torch.no_grad(), sparse_attn.patch(model, sparse[name]):
             expected = model.generate(ids, attention_mask=mask, **kw)
     assert torch.equal(got, expected)
-    if name == "quest":  # the stores followed the beams' reorders instead of rebuilding every step
+    if name != "topk":  # the stores followed the beams' reorders instead of rebuilding every step
         assert all(s is not None and s.reorders > 0 and s.updates > 0 for s in stores)
 
 
-@pytest.mark.parametrize("name", sorted(SPARSE))
-def test_left_padded_batch_generates_like_each_row_alone(name) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padded_batch_generates_like_each_row_alone(name, sparse) -> None:
     model = build("llama")
     ids, mask = inputs(DECODERS[0], 2, 40, PADS)
-    with torch.no_grad(), sparse_attn.patch(model, SPARSE[name]):
+    with torch.no_grad(), sparse_attn.patch(model, sparse[name]):
         batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN)
         for row, pad in enumerate(PADS):
             alone = model.generate(ids[row : row + 1, pad:], max_new_tokens=6, **GEN)

@@ -1,12 +1,13 @@
-"""Dynamic methods (TopK, Quest) end to end through vLLM on CPU with a tiny random Llama: layer 0 runs
-TopK, layer 1 Quest (side data in the paged store), with chunked prefill (at most 64 scheduled tokens
-per step) and greedy decoding in float32.
+"""Dynamic methods (TopK, Quest, Loki) end to end through vLLM on CPU with a tiny random Llama: layer 0
+runs TopK (or Loki, its basis calibrated for the tiny model), layer 1 Quest (side data in the paged
+store), with chunked prefill (at most 64 scheduled tokens per step) and greedy decoding in float32.
 
 One engine serves five prompts at once, then each alone (later rounds hit the pages the first one
 cached, when prefix caching is on), one of them sharing its first 200 tokens with another. Tokens
 equal the Hugging Face model patched with the same config, whether prompts run concurrently or one by
 one, with prefix caching on or off, and with tensor_parallel_size=2 (each rank selects on its own KV
-head from its own side data).
+head from its own side data; TopK and Quest only: a Loki basis is per KV head and Loki refuses a
+layer whose KV heads are split across ranks).
 
 TopK's prefill oracle scores tiles of ``block_size`` queries, so a chunk boundary inside a tile
 changes what the tile's queries select; ``block_size=1`` (a selection per query) makes it independent
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import sparse_attn
-from sparse_attn import Quest, SparseAttentionConfig, TopK
+from sparse_attn import Loki, Quest, SparseAttentionConfig, TopK
 
 NEW_TOKENS = 8
 CONFIG = SparseAttentionConfig(
@@ -31,6 +32,22 @@ CONFIG = SparseAttentionConfig(
 ROUNDS = [[0, 1, 2, 3, 4], [0], [1], [2], [3], [4]]
 
 
+@pytest.fixture(scope="module", params=["topk-quest", "loki-quest"])
+def config(request, tiny_llama, tmp_path_factory) -> SparseAttentionConfig:
+    if request.param == "topk-quest":
+        return CONFIG
+    from transformers import AutoModelForCausalLM
+
+    from sparse_attn.calibration import calibrate_loki
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.randint(0, 512, (512,), generator=torch.Generator().manual_seed(7)).tolist()
+    basis = tmp_path_factory.mktemp("loki") / "tiny_llama"
+    calibrate_loki(model.eval(), [ids], seq_len=256, out=basis, command="tests/vllm: tiny_llama basis")
+    loki = Loki(tokens=48, sink_tokens=4, local_tokens=16, rank=16, basis=str(basis))
+    return SparseAttentionConfig(layers={0: loki, 1: CONFIG.layers[1]})
+
+
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(2)
@@ -38,13 +55,13 @@ def prompts() -> list[list[int]]:
     return [*out, out[3][:200] + torch.randint(0, 512, (57,), generator=gen).tolist()]
 
 
-def _engine(run_engine, model, prompts, **spec) -> dict:
+def _engine(run_engine, model, prompts, config, **spec) -> dict:
     return run_engine(
         {
             "model": str(model),
             "prompts": prompts,
             "max_tokens": NEW_TOKENS,
-            "sparse_attn": CONFIG.to_dict(),
+            "sparse_attn": config.to_dict(),
             "rounds": ROUNDS,
             **spec,
         }
@@ -52,13 +69,13 @@ def _engine(run_engine, model, prompts, **spec) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cached(run_engine, tiny_llama, prompts) -> dict:
-    return _engine(run_engine, tiny_llama, prompts, enable_prefix_caching=True)
+def cached(run_engine, tiny_llama, prompts, config) -> dict:
+    return _engine(run_engine, tiny_llama, prompts, config, enable_prefix_caching=True)
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_llama, prompts) -> dict[str, list[list[int]]]:
-    """Greedy tokens of the HF model, patched with CONFIG and unpatched, one prompt at a time."""
+def hf(tiny_llama, prompts, config) -> dict[str, list[list[int]]]:
+    """Greedy tokens of the HF model, patched with the config and unpatched, one prompt at a time."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
@@ -81,7 +98,7 @@ def hf(tiny_llama, prompts) -> dict[str, list[list[int]]]:
 
     with torch.no_grad():
         dense = generate()
-        with sparse_attn.patch(model, CONFIG):
+        with sparse_attn.patch(model, config):
             sparse = generate()
     return {"sparse": sparse, "dense": dense}
 
@@ -94,25 +111,29 @@ def test_tokens_equal_the_patched_hf_model(cached, hf) -> None:
     assert hf["sparse"][3:] != hf["dense"][3:]
 
 
-def test_dynamic_stats(cached) -> None:
+def test_dynamic_stats(cached, config) -> None:
     stats = cached["stats"]
     dynamic = stats["dynamic"]
     assert stats["batches"]["mixed"] > 0 and stats["batches"]["chunked_prefill"] > 0
     assert dynamic["decode_selections"] > 0
     assert 0.1 < dynamic["decode_density"] < 0.9
-    assert dynamic["prefill_rows"]["topk"] > 0 and dynamic["prefill_rows"]["dense"] > 0
-    assert dynamic["side_bytes"] > 0  # Quest's layer only: TopK reads the keys
+    rows = dynamic["prefill_rows"]
+    # TopK's prefill is its block oracle; Loki's runs dense by design, like Quest's
+    oracle = not isinstance(config.layers[0], Loki)
+    assert rows["dense"] > 0 and (rows.get("topk", 0) > 0) == oracle
+    assert dynamic["side_bytes"] > 0  # Quest's layer (and Loki's): TopK reads the keys
     assert stats["fallbacks"] == {}
 
 
-def test_prefix_caching_off_gives_the_same_tokens(run_engine, tiny_llama, prompts, cached) -> None:
-    uncached = _engine(run_engine, tiny_llama, prompts, enable_prefix_caching=False)
+def test_prefix_caching_off_gives_the_same_tokens(run_engine, tiny_llama, prompts, config, cached) -> None:
+    uncached = _engine(run_engine, tiny_llama, prompts, config, enable_prefix_caching=False)
     assert uncached["tokens"] == cached["tokens"]
     # with caching on, later rounds computed fewer prompt tokens: their pages (and side data) were reused
     assert cached["stats"]["batches"]["prompt_tokens"] < uncached["stats"]["batches"]["prompt_tokens"]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["topk-quest"], indirect=True)
 def test_tensor_parallel_2_gives_the_same_tokens(run_engine, tiny_llama, prompts, cached) -> None:
     """Two CPU workers, one KV head each (recipe: ENV-NOTES.md)."""
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}

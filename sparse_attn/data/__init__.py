@@ -1,0 +1,1 @@
+"""Calibration artifacts shipped with the package (Loki bases)."""
