@@ -42,6 +42,7 @@ from .dynamic import (
     group_log_mass,
     mask_to_selection,
     top_by_score,
+    top_tokens_of_full_rows,
 )
 
 ARTIFACT_KIND = "loki"
@@ -272,6 +273,9 @@ class Loki(DynamicMethod):
         assert side is not None, "Loki selects from its projected keys"
         b, hkv, _ = check_decode_inputs(q, side, "side")
         scores = low_rank_scores(q, side, self.projection(q.device), kv_lens, q_lens, scale, causal, backend)
+        fast = top_tokens_of_full_rows(scores, kv_lens, q_lens, self.budget, self.sink_tokens, self.local_tokens)
+        if fast is not None:
+            return fast
         score = group_log_mass(scores)  # [B, Hkv, N]
         n = score.shape[-1]
         forced = always_kept(kv_lens, n, self.sink_tokens, self.local_tokens, score.device)
