@@ -221,7 +221,8 @@ class Loki(DynamicMethod):
         """This layer's P, float32 [Hkv, D, r] (on ``device``, copied there once)."""
         if self.layer is None:
             raise ConfigError("this Loki is not bound to a layer: use .for_layer(layer_idx)")
-        self._bind(self.artifact())
+        if self.__dict__.get("_projection") is None:  # bound once: no file lookup per call
+            self._bind(self.artifact())
         proj: torch.Tensor = self._projection  # type: ignore[attr-defined]
         if device is None or proj.device == device:
             return proj
