@@ -1,6 +1,6 @@
 """sparse_attn: sparse attention for long-context LLM serving.
 
-Patterns (S2, SinkLocal, MoA, BlockSparse, Dense) and content-based methods (TopK, Quest) compile to two sparse formats (BlockLayout for
+Patterns (S2, SinkLocal, MoA, BlockSparse, Dense) and content-based methods (TopK, Quest, MagicPIG) compile to two sparse formats (BlockLayout for
 prefill, TokenSelection for decode) that the kernels execute. Importing this package has no side
 effects: no CUDA calls, no environment writes, no optional dependency imports.
 """
@@ -29,6 +29,7 @@ from .methods import (
     BlockSparse,
     Dense,
     DynamicMethod,
+    MagicPIG,
     MoA,
     Quest,
     SideSpec,
@@ -53,6 +54,7 @@ __all__ = [
     "DeviceError",
     "DynamicMethod",
     "LayoutError",
+    "MagicPIG",
     "MoA",
     "PlanFileError",
     "Quest",

@@ -9,6 +9,7 @@ from .base import StaticMethod
 from .block_sparse import BlockSparse
 from .dense import Dense
 from .dynamic import DynamicMethod, SideSpec
+from .magicpig import MagicPIG
 from .moa import MoA
 from .quest import Quest
 from .s2 import S2
@@ -18,7 +19,7 @@ from .topk import TopK
 Method = StaticMethod | DynamicMethod
 
 METHODS: dict[str, type[StaticMethod] | type[DynamicMethod]] = {
-    cls.name: cls for cls in (Dense, SinkLocal, S2, MoA, BlockSparse, TopK, Quest)
+    cls.name: cls for cls in (Dense, SinkLocal, S2, MoA, BlockSparse, TopK, Quest, MagicPIG)
 }
 
 
@@ -43,6 +44,7 @@ __all__ = [
     "BlockSparse",
     "Dense",
     "DynamicMethod",
+    "MagicPIG",
     "Method",
     "MoA",
     "Quest",
