@@ -258,6 +258,19 @@ def test_a_config_binds_each_layer_its_centre(tmp_path) -> None:
     assert sa.SparseAttentionConfig.from_json(cfg.to_json()) == cfg
 
 
+def test_a_tensor_parallel_rank_keeps_its_kv_heads_centres(tmp_path) -> None:
+    path, centres, _ = _centres(tmp_path, 2, 4, 16)
+    rank = sa.MagicPIG(bits=4, tables=6, centres=path).for_layer(1).for_kv_heads(2, 2)
+    assert rank.layer == 1 and rank.kv_heads == (2, 2)
+    assert torch.equal(rank.centre(2, 16, torch.device("cpu")), centres[1, 2:4])
+    assert method_from_dict(rank.to_dict()) == rank
+    keys = torch.randn(1, 2, 30, 16, generator=torch.Generator().manual_seed(0))
+    whole = sa.MagicPIG(bits=4, tables=6, centres=path).for_layer(1)
+    both = torch.cat((torch.randn(1, 2, 30, 16), keys), dim=1)
+    assert torch.equal(rank.compute_side(keys), whole.compute_side(both)[:, 2:])
+    assert sa.MagicPIG(bits=4, tables=6).for_kv_heads(2, 2).kv_heads is None  # nothing to slice
+
+
 # ------------------------------------------------------------------------------------ configs, errors
 def test_registered_and_json_round_trip() -> None:
     m = sa.MagicPIG(
@@ -296,6 +309,8 @@ def test_registered_and_json_round_trip() -> None:
         (dict(local_tokens=1.5), "local_tokens"),
         (dict(centres=3), "centres"),
         (dict(layer=-2), "layer"),
+        (dict(kv_heads=(0, 0)), "kv_heads"),
+        (dict(kv_heads=(1,)), "kv_heads"),
         (dict(prefill=sa.TopK()), "prefill"),
     ],
 )

@@ -175,6 +175,11 @@ class DynamicMethod:
     def for_layer(self, layer_idx: int) -> DynamicMethod:
         return self
 
+    def for_kv_heads(self, first: int, count: int) -> DynamicMethod:
+        """The method for a tensor-parallel rank that holds the layer's KV heads [first, first +
+        count): methods with per-head calibration (MagicPIG's centres) keep those heads' part."""
+        return self
+
     def check_model(self, model: ModelShape) -> None:
         """Raise PlanFileError when this method's calibration artifact was made for another model
         (the integrations call it once when they bind the method to a model); no-op without one."""

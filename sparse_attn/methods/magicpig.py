@@ -72,8 +72,10 @@ _CHECKED: set[tuple[tuple[str, float], ModelShape]] = set()  # (artifact, model)
 class MagicPIG(DynamicMethod):
     """MagicPIG sampling: ``bits`` (K, 1..32) per table, ``tables`` (L, >= 2), ``seed`` of W, the
     always-kept ``sink_tokens`` and ``local_tokens``, ``centres`` (path of a ``"magicpig"`` artifact,
-    or None), ``layer`` (the layer whose centre applies; ``for_layer`` sets it) and ``prefill`` (a
-    static method, or dense when None). ``density`` and ``tokens`` must stay None (no budget)."""
+    or None), ``layer`` (the layer whose centre applies; ``for_layer`` sets it), ``kv_heads``
+    ((first, count) of the centres' KV heads a tensor-parallel rank holds; ``for_kv_heads`` sets it)
+    and ``prefill`` (a static method, or dense when None). ``density`` and ``tokens`` must stay None
+    (no budget)."""
 
     name: ClassVar[str] = "magicpig"
     needs_keys: ClassVar[bool] = True
@@ -84,6 +86,7 @@ class MagicPIG(DynamicMethod):
     local_tokens: int = 64
     centres: str | None = None
     layer: int | None = None
+    kv_heads: tuple[int, int] | None = None
     prefill: StaticMethod | None = None
     density: float | None = None
     tokens: int | None = None
@@ -113,6 +116,17 @@ class MagicPIG(DynamicMethod):
             )
         if self.layer is not None:
             check_nonnegative_int(self.layer, "layer")
+        if self.kv_heads is not None:
+            heads = self.kv_heads
+            if (
+                not isinstance(heads, (tuple, list))
+                or len(heads) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in heads)
+                or heads[0] < 0
+                or heads[1] < 1
+            ):
+                raise ConfigError(f"kv_heads must be (first, count) of the centres' KV heads, got {heads!r}")
+            object.__setattr__(self, "kv_heads", tuple(heads))
         if self.prefill is not None and not isinstance(self.prefill, StaticMethod):
             raise ConfigError(
                 f"prefill must be a static method (SinkLocal, S2, ...) or None for dense, got {self.prefill!r}"
@@ -134,6 +148,11 @@ class MagicPIG(DynamicMethod):
         if out is None:
             out = bound[layer_idx] = dataclasses.replace(self, layer=layer_idx)
         return out
+
+    def for_kv_heads(self, first: int, count: int) -> MagicPIG:
+        if self.centres is None:
+            return self
+        return dataclasses.replace(self, kv_heads=(first, count))
 
     def check_model(self, model: ModelShape) -> None:
         if self.centres is None:
@@ -162,6 +181,8 @@ class MagicPIG(DynamicMethod):
                 "(SparseAttentionConfig, the patch and sparse_attention(layer_idx=...) do)"
             )
         c = _layer_centre(self.centres, self.layer, device)
+        if self.kv_heads is not None:  # a tensor-parallel rank's KV heads
+            c = c[self.kv_heads[0] : self.kv_heads[0] + self.kv_heads[1]]
         if tuple(c.shape) != (num_kv_heads, head_dim):
             raise ShapeError(
                 f"{self.centres}: layer {self.layer}'s centre has shape {list(c.shape)}, the keys have "

@@ -1,6 +1,8 @@
-"""Dynamic methods (TopK, Quest) end to end through vLLM on CPU with a tiny random Llama: layer 0 runs
-TopK, layer 1 Quest (side data in the paged store), with chunked prefill (at most 64 scheduled tokens
-per step) and greedy decoding in float32.
+"""Dynamic methods end to end through vLLM on CPU with a tiny random Llama, with chunked prefill (at
+most 64 scheduled tokens per step) and greedy decoding in float32. Two configs: layer 0 runs TopK,
+layer 1 Quest (side data in the paged store); or MagicPIG in both layers (int32 SimHash codes in the
+paged store, a per-query-head sample with log-weights), layer 1 with key centres from a calibration
+artifact.
 
 One engine serves five prompts at once, then each alone (later rounds hit the pages the first one
 cached, when prefix caching is on), one of them sharing its first 200 tokens with another. Tokens
@@ -15,11 +17,15 @@ of where vLLM cuts the chunks, which is what comparing with the unchunked HF pre
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import sparse_attn
-from sparse_attn import Quest, SparseAttentionConfig, TopK
+from sparse_attn import MagicPIG, Quest, SparseAttentionConfig, TopK
+from sparse_attn.artifact import ModelShape
+from sparse_attn.methods.magicpig import save_centres
 
 NEW_TOKENS = 8
 CONFIG = SparseAttentionConfig(
@@ -28,6 +34,8 @@ CONFIG = SparseAttentionConfig(
         1: Quest(tokens=48, sink_tokens=4, local_tokens=16, block_size=16),
     }
 )
+# 4 bits x 8 tables on 64-dim keys: a key at a right angle to the query is sampled with u ~ 0.1
+MAGICPIG = MagicPIG(bits=4, tables=8, seed=3, sink_tokens=4, local_tokens=16)
 ROUNDS = [[0, 1, 2, 3, 4], [0], [1], [2], [3], [4]]
 
 
@@ -38,13 +46,27 @@ def prompts() -> list[list[int]]:
     return [*out, out[3][:200] + torch.randint(0, 512, (57,), generator=gen).tolist()]
 
 
-def _engine(run_engine, model, prompts, **spec) -> dict:
+@pytest.fixture(scope="module", params=["topk-quest", "magicpig"])
+def config(request, tiny_llama, tmp_path_factory) -> SparseAttentionConfig:
+    if request.param == "topk-quest":
+        return CONFIG
+    from transformers import AutoConfig
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(tiny_llama))
+    g = torch.Generator().manual_seed(4)
+    # random key means at the scale of the tiny model's (keys of std ~0.15)
+    centres = torch.randn(shape.num_layers, shape.num_kv_heads, shape.head_dim, generator=g) * 0.05
+    path = save_centres(tmp_path_factory.mktemp("magicpig") / "centres", centres, shape, "test")
+    return SparseAttentionConfig(layers={0: MAGICPIG, 1: dataclasses.replace(MAGICPIG, centres=str(path))})
+
+
+def _engine(run_engine, model, prompts, config, **spec) -> dict:
     return run_engine(
         {
             "model": str(model),
             "prompts": prompts,
             "max_tokens": NEW_TOKENS,
-            "sparse_attn": CONFIG.to_dict(),
+            "sparse_attn": config.to_dict(),
             "rounds": ROUNDS,
             **spec,
         }
@@ -52,12 +74,12 @@ def _engine(run_engine, model, prompts, **spec) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cached(run_engine, tiny_llama, prompts) -> dict:
-    return _engine(run_engine, tiny_llama, prompts, enable_prefix_caching=True)
+def cached(run_engine, tiny_llama, prompts, config) -> dict:
+    return _engine(run_engine, tiny_llama, prompts, config, enable_prefix_caching=True)
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_llama, prompts) -> dict[str, list[list[int]]]:
+def hf(tiny_llama, prompts, config) -> dict[str, list[list[int]]]:
     """Greedy tokens of the HF model, patched with CONFIG and unpatched, one prompt at a time."""
     from transformers import AutoModelForCausalLM
 
@@ -81,7 +103,7 @@ def hf(tiny_llama, prompts) -> dict[str, list[list[int]]]:
 
     with torch.no_grad():
         dense = generate()
-        with sparse_attn.patch(model, CONFIG):
+        with sparse_attn.patch(model, config):
             sparse = generate()
     return {"sparse": sparse, "dense": dense}
 
@@ -94,33 +116,36 @@ def test_tokens_equal_the_patched_hf_model(cached, hf) -> None:
     assert hf["sparse"][3:] != hf["dense"][3:]
 
 
-def test_dynamic_stats(cached) -> None:
+def test_dynamic_stats(cached, config) -> None:
     stats = cached["stats"]
     dynamic = stats["dynamic"]
     assert stats["batches"]["mixed"] > 0 and stats["batches"]["chunked_prefill"] > 0
     assert dynamic["decode_selections"] > 0
     assert 0.1 < dynamic["decode_density"] < 0.9
-    assert dynamic["prefill_rows"]["topk"] > 0 and dynamic["prefill_rows"]["dense"] > 0
-    assert dynamic["side_bytes"] > 0  # Quest's layer only: TopK reads the keys
+    if config is CONFIG:
+        assert dynamic["prefill_rows"]["topk"] > 0 and dynamic["prefill_rows"]["dense"] > 0
+    else:  # MagicPIG's prefill is dense by design; its sample is the measured density
+        assert set(dynamic["prefill_rows"]) == {"dense"}
+    assert dynamic["side_bytes"] > 0  # Quest's or MagicPIG's layers: TopK reads the keys
     assert stats["fallbacks"] == {}
 
 
-def test_prefix_caching_off_gives_the_same_tokens(run_engine, tiny_llama, prompts, cached) -> None:
-    uncached = _engine(run_engine, tiny_llama, prompts, enable_prefix_caching=False)
+def test_prefix_caching_off_gives_the_same_tokens(run_engine, tiny_llama, prompts, config, cached) -> None:
+    uncached = _engine(run_engine, tiny_llama, prompts, config, enable_prefix_caching=False)
     assert uncached["tokens"] == cached["tokens"]
     # with caching on, later rounds computed fewer prompt tokens: their pages (and side data) were reused
     assert cached["stats"]["batches"]["prompt_tokens"] < uncached["stats"]["batches"]["prompt_tokens"]
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_gives_the_same_tokens(run_engine, tiny_llama, prompts, cached) -> None:
+def test_tensor_parallel_2_gives_the_same_tokens(run_engine, tiny_llama, prompts, config, cached) -> None:
     """Two CPU workers, one KV head each (recipe: ENV-NOTES.md)."""
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     spec = {
         "model": str(tiny_llama),
         "prompts": prompts,
         "max_tokens": NEW_TOKENS,
-        "sparse_attn": CONFIG.to_dict(),
+        "sparse_attn": config.to_dict(),
         "rounds": ROUNDS,
         "tensor_parallel_size": 2,
     }
