@@ -70,22 +70,37 @@ def test_projection_is_seeded_and_codes_are_the_packed_signs() -> None:
     assert not torch.equal(w, sa.MagicPIG(bits=bits, tables=tables, seed=124).projection(d))
     keys = torch.randn(2, 3, 17, d, generator=torch.Generator().manual_seed(1))
     codes = m.compute_side(keys)
-    assert codes.dtype == torch.int32 and codes.shape == (2, 3, 17, tables)
+    assert codes.dtype == torch.int16 and codes.shape == (2, 3, 17, tables)
     proj = keys.double() @ w.double()
     for t in range(tables):
         want = sum((proj[..., t * bits + i] > 0).long() << i for i in range(bits))
         assert torch.equal(codes[..., t].long(), want)
 
 
-def test_thirty_two_bits_fill_the_int32() -> None:
-    m = sa.MagicPIG(bits=32, tables=4, seed=3)
+@pytest.mark.parametrize("bits,dtype", [(16, torch.int16), (17, torch.int32), (32, torch.int32)])
+def test_full_width_codes_wrap_into_the_sign_bit(bits, dtype) -> None:
+    m = sa.MagicPIG(bits=bits, tables=4, seed=3)
     keys = torch.randn(1, 1, 64, 16, generator=torch.Generator().manual_seed(0))
     codes = m.compute_side(keys)
+    assert codes.dtype == dtype
     proj = keys.double() @ m.projection(16).double()
+    mask = (1 << (16 if dtype == torch.int16 else 32)) - 1
     for t in range(4):
-        want = sum((proj[..., t * 32 + i] > 0).long() << i for i in range(32))
-        assert torch.equal(codes[..., t].long() & 0xFFFFFFFF, want)
-    assert bool((codes < 0).any())  # the top bit is the sign bit
+        want = sum((proj[..., t * bits + i] > 0).long() << i for i in range(bits))
+        assert torch.equal(codes[..., t].long() & mask, want)
+    if bits in (16, 32):
+        assert bool((codes < 0).any())  # the top bit is the sign bit
+
+
+@pytest.mark.parametrize("tables", [2, 150, 300], ids=lambda t: f"L{t}")
+def test_collision_counts_are_the_brute_force_counts(tables) -> None:
+    g = torch.Generator().manual_seed(tables)
+    codes_k = torch.randint(0, 4, (2, 3, 37, tables), generator=g, dtype=torch.int16)
+    codes_q = torch.randint(0, 4, (2, 3, 2, tables), generator=g, dtype=torch.int16)
+    codes_q[:, :, 0] = codes_k[:, :, 5]  # key 5 collides in every table (past uint8 at L = 300)
+    got = mp.collision_counts(codes_q, codes_k)
+    want = (codes_k[:, :, None] == codes_q[:, :, :, None]).long().sum(-1)
+    assert torch.equal(got.long(), want) and int(want.max()) == tables
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -213,7 +228,7 @@ def test_new_decode_tokens_are_hashed() -> None:
         lens = lens + 1
         k[1, :, int(lens[1]) - 1] = k[1, :, -1]
         side = store.update(k, lens, new_tokens=1)
-        assert side is not None and side.dtype == torch.int32
+        assert side is not None and side.dtype == torch.int16
         for b in range(2):
             n = int(lens[b])
             proj = k[b, :, :n].double() @ w  # [Hkv, n, K*L]
@@ -289,7 +304,8 @@ def test_registered_and_json_round_trip() -> None:
         4,
         64,
     )
-    assert sa.MagicPIG().side_spec(128) == sa.SideSpec("token", 1, (150,), torch.int32)
+    assert sa.MagicPIG().side_spec(128) == sa.SideSpec("token", 1, (150,), torch.int16)
+    assert sa.MagicPIG(bits=17).side_spec(128) == sa.SideSpec("token", 1, (150,), torch.int32)
 
 
 @pytest.mark.parametrize(

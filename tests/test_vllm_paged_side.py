@@ -121,9 +121,9 @@ def test_bfloat16_keys_keep_their_dtype() -> None:
     assert store.data.dtype == torch.bfloat16
     paged.fill(store)
     assert_side_equal(store, paged, Quest(block_size=16))
-    # side data of its own dtype (MagicPIG's int32 codes) keeps it next to bf16 keys
+    # side data of its own dtype (MagicPIG's int16 codes) keeps it next to bf16 keys
     codes = PagedSideStore.for_cache(MagicPIG(bits=4, tables=5), paged.cache)
-    assert codes.data.dtype == torch.int32
+    assert codes.data.dtype == torch.int16
     paged.fill(codes)
     assert_side_equal(codes, paged, MagicPIG(bits=4, tables=5))
 

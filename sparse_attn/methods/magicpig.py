@@ -6,8 +6,9 @@ centring). The paper centres by the mean of the current prompt's keys; a fixed c
 keeps the side data a pure function of the key, so a prefix-cached page's codes stay valid for
 every request that shares it. Each centred key is hashed with SimHash ``sign((k - c) W)``, ``W`` ~
 N(0, 1) of shape D x (K*L), seeded and identical on every device; the K bits of table t (columns
-``t*K .. t*K+K-1``, bit b set when column ``t*K+b`` is positive) are packed into one int32, so the
-side data is ``[Hkv, L]`` int32 per token. The query is hashed as it is: centring only moves the
+``t*K .. t*K+K-1``, bit b set when column ``t*K+b`` is positive) are packed into one integer, so the
+side data is ``[Hkv, L]`` per token, int16 for K <= 16 (the default K = 10), int32 up to 32 bits.
+The query is hashed as it is: centring only moves the
 keys, and ``q.(k - c) = q.k - q.c`` changes every logit of a query by the same constant, so the
 softmax over the real keys is unchanged; attention itself uses the real keys.
 
@@ -29,7 +30,8 @@ one. ``budget`` gives the keys always kept (the lower bound of every selection),
 Hugging Face decode crossover (``dense_above``) compares. Dense layers (the paper keeps layers 0 and
 16 of Llama dense) are ``SparseAttentionConfig(default=MagicPIG(...), dense_layers=(0, 16))``.
 
-Cost. Side data is L int32 per token and KV head (600 bytes at L = 150), written once per token.
+Cost. Side data is L int16 per token and KV head (300 bytes at L = 150, K <= 16), written once per
+token.
 The collision count compares the query's L codes with every key's, vectorised in chunks of keys
 (O(N*L) codes, no hash tables); theta needs the candidates' keys only (``needs_keys``: the keys are
 read for the sample, never scored in full). ``magicpig_reference`` beside it is the plain-loop
@@ -56,10 +58,12 @@ from .base import StaticMethod
 from .dynamic import DynamicMethod, SideSpec, always_kept, check_decode_inputs, mask_to_selection
 
 ARTIFACT_KIND = "magicpig"
-MAX_BITS = 32  # K bits of a table are packed into one int32
+MAX_BITS = 32  # K bits of a table are packed into one int16 (K <= 16) or int32
 U_FLOOR = 1e-4  # the paper's floor in -log(u + 1e-4): bounds the weight of a key sampled by luck
 # Elements of a temporary (projections, code comparisons) made at once; bounds them at ~32 MiB.
 CHUNK_ELEMENTS = 1 << 22
+# Codes compared with a query at once (8 MiB of int16); measured on CPU, smaller chunks cost more.
+COUNT_CHUNK = 1 << 22
 
 _LOCK = threading.Lock()
 _PROJECTIONS: dict[tuple[int, int, int, int, torch.device], torch.Tensor] = {}
@@ -99,7 +103,7 @@ class MagicPIG(DynamicMethod):
             )
         k = self.bits
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_BITS:
-            raise ConfigError(f"bits (K) must be an int in [1, {MAX_BITS}] (packed into int32), got {k!r}")
+            raise ConfigError(f"bits (K) must be an int in [1, {MAX_BITS}] (packed into one int), got {k!r}")
         n = self.tables
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ConfigError(f"tables (L) must be an int >= 2 (a key is sampled in >= 2 tables), got {n!r}")
@@ -190,12 +194,18 @@ class MagicPIG(DynamicMethod):
             )
         return c
 
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """int16 for K <= 16 bits (half the side data and of the comparisons' memory traffic), else
+        int32."""
+        return code_dtype(self.bits)
+
     def side_spec(self, head_dim: int) -> SideSpec:
-        return SideSpec("token", 1, (self.tables,), dtype=torch.int32)
+        return SideSpec("token", 1, (self.tables,), dtype=self.code_dtype)
 
     def compute_side(self, keys: torch.Tensor, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed codes of the centred keys: keys [..., Hkv, n, D] -> [..., Hkv, n, L] int32; keys at
-        or past ``kv_lens`` get code 0 (they are never read)."""
+        """Packed codes of the centred keys: keys [..., Hkv, n, D] -> [..., Hkv, n, L] (``code_dtype``);
+        keys at or past ``kv_lens`` get code 0 (they are never read)."""
         if keys.dim() < 3:
             raise ShapeError(f"keys must have shape [..., Hkv, n, D], got {tuple(keys.shape)}")
         hkv, n, d = keys.shape[-3:]
@@ -288,37 +298,55 @@ def simhash_projection(
     return w
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The integer type that holds ``bits`` packed bits: int16 up to 16, else int32."""
+    return torch.int16 if bits <= 16 else torch.int32
+
+
 def simhash_codes(x: torch.Tensor, w: torch.Tensor, bits: int, tables: int) -> torch.Tensor:
-    """Packed SimHash codes: x [..., D] float32, w [D, K*L] -> [..., L] int32; bit b of table t is
-    ``(x @ w)[..., t*K + b] > 0``. Computed in chunks of rows (no K*L x N temporary at once)."""
+    """Packed SimHash codes: x [..., D] float32, w [D, K*L] -> [..., L] (``code_dtype(bits)``); bit b
+    of table t is ``(x @ w)[..., t*K + b] > 0``. Computed in chunks of rows (no K*L x N temporary at
+    once)."""
     lead, d = x.shape[:-1], x.shape[-1]
     flat = x.reshape(-1, d)
     rows = flat.shape[0]
+    dtype = code_dtype(bits)
+    width = 16 if dtype == torch.int16 else 32
     shifts = torch.arange(bits, device=x.device, dtype=torch.int64)
-    out = torch.empty(rows, tables, dtype=torch.int32, device=x.device)
+    out = torch.empty(rows, tables, dtype=dtype, device=x.device)
     step = max(1, CHUNK_ELEMENTS // max(bits * tables, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         positive = (flat[r0:r1] @ w > 0).view(r1 - r0, tables, bits)
         packed = (positive.to(torch.int64) << shifts).sum(-1)  # [rows, L] in [0, 2^K)
-        if bits == MAX_BITS:  # the top bit is int32's sign bit: wrap, as a uint32 -> int32 view would
-            packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-        out[r0:r1] = packed.to(torch.int32)
+        if bits == width:  # the top bit is the sign bit: wrap, as an unsigned -> signed view would
+            packed = torch.where(packed >= 2 ** (width - 1), packed - 2**width, packed)
+        out[r0:r1] = packed.to(dtype)
     return out.view(*lead, tables)
 
 
 def collision_counts(codes_q: torch.Tensor, codes_k: torch.Tensor) -> torch.Tensor:
     """Tables in which each query's code equals each key's: codes_q [B, Hkv, G, L], codes_k
-    [B, Hkv, N, L] -> int16 [B, Hkv, G, N]. Vectorised over keys and tables, in chunks of keys."""
+    [B, Hkv, N, L] -> [B, Hkv, G, N] (uint8 for L <= 255, else int16). Vectorised over the batch,
+    keys and tables; one KV head, one chunk of keys and one query head of the group at a time.
+
+    Why this shape of loop (measured on CPU, N = 8192, L = 150): summing the comparison's bytes as
+    uint8 costs about a third of a sum into int16/int64 (the reduction vectorises in bytes), and
+    comparing one query head at a time avoids a [G, N, L] temporary; int16 codes (K <= 16) halve
+    the bytes read."""
     b, hkv, g, n_tables = codes_q.shape
     n = codes_k.shape[2]
-    out = torch.empty(b, hkv, g, n, dtype=torch.int16, device=codes_k.device)
-    step = max(1, CHUNK_ELEMENTS // max(b * hkv * g * n_tables, 1))
-    cq = codes_q[:, :, :, None, :]
-    for j0 in range(0, n, step):
-        j1 = min(n, j0 + step)
-        eq = codes_k[:, :, None, j0:j1, :] == cq  # [B, Hkv, G, chunk, L]
-        out[..., j0:j1] = eq.sum(-1, dtype=torch.int16)
+    acc = torch.uint8 if n_tables <= 255 else torch.int16
+    out = torch.empty(b, hkv, g, n, dtype=acc, device=codes_k.device)
+    codes_q = codes_q.to(codes_k.dtype)
+    step = max(1, COUNT_CHUNK // max(b * n_tables, 1))
+    for h in range(hkv):
+        for j0 in range(0, n, step):
+            j1 = min(n, j0 + step)
+            keys = codes_k[:, h, j0:j1]  # [B, chunk, L]
+            for gi in range(g):
+                eq = keys == codes_q[:, h, gi, None, :]  # [B, chunk, L]
+                out[:, h, gi, j0:j1] = eq.view(torch.uint8).sum(-1, dtype=acc)
     return out
 
 
