@@ -33,7 +33,8 @@ Hugging Face decode crossover (``dense_above``) compares. Dense layers (the pape
 Cost. Side data is L int16 per token and KV head (300 bytes at L = 150, K <= 16), written once per
 token.
 The collision count compares the query's L codes with every key's, vectorised in chunks of keys
-(O(N*L) codes, no hash tables); theta needs the candidates' keys only (``needs_keys``: the keys are
+(O(N*L) codes, no hash tables; ``backend="triton"`` counts with the kernel of
+``triton_kernels/simhash.py``); theta needs the candidates' keys only (``needs_keys``: the keys are
 read for the sample, never scored in full). ``magicpig_reference`` beside it is the plain-loop
 reference the tests compare with.
 """
@@ -243,7 +244,13 @@ class MagicPIG(DynamicMethod):
         dev = q.device
         kvl = kv_lens.to("cpu", torch.int64)
         codes_q = simhash_codes(q[:, :, 0].to(torch.float32), self.projection(d, dev), self.bits, self.tables)
-        hits = collision_counts(codes_q.view(b, hkv, g, self.tables), side).view(b, hq, n)  # [B, Hq, N]
+        codes_q = codes_q.view(b, hkv, g, self.tables)
+        if backend == "triton":
+            from ..api import _triton
+
+            hits = _triton("simhash").collision_counts(codes_q, side[:, :, :n]).view(b, hq, n)
+        else:
+            hits = collision_counts(codes_q, side).view(b, hq, n)  # [B, Hq, N]
         forced = always_kept(kvl, n, self.sink_tokens, self.local_tokens, dev)  # [B, N]
         present = torch.arange(n, device=dev) < kvl.to(dev)[:, None]
         sampled = (hits >= 2) & (present & ~forced)[:, None]  # [B, Hq, N]
