@@ -292,6 +292,8 @@ def test_registered_and_json_round_trip() -> None:
         bits=7, tables=20, seed=4, sink_tokens=2, local_tokens=8, prefill=sa.SinkLocal(window_tokens=64)
     )
     assert METHODS["magicpig"] is sa.MagicPIG
+    assert not sa.MagicPIG.has_budget and sa.TopK.has_budget and sa.Quest.has_budget
+    assert sa.MagicPIG(sink_tokens=4, local_tokens=64).budget(torch.tensor([50, 1000])).tolist() == [50, 68]
     assert method_from_dict(m.to_dict()) == m
     assert (
         sa.MagicPIG().bits,

@@ -80,6 +80,9 @@ class DynamicMethod:
     default_density: ClassVar[float | None] = None
     default_tokens: ClassVar[int | None] = None
     needs_keys: ClassVar[bool] = False
+    # False for a method whose selection size follows the data (MagicPIG's sample): density and
+    # tokens do not apply, and sweeps over budgets run it once
+    has_budget: ClassVar[bool] = True
     density: float | None
     tokens: int | None
     sink_tokens: int

@@ -84,6 +84,7 @@ class MagicPIG(DynamicMethod):
 
     name: ClassVar[str] = "magicpig"
     needs_keys: ClassVar[bool] = True
+    has_budget: ClassVar[bool] = False
     bits: int = 10
     tables: int = 150
     seed: int = 0
