@@ -35,8 +35,10 @@ token.
 The collision count compares the query's L codes with every key's, vectorised in chunks of keys
 (O(N*L) codes, no hash tables; ``backend="triton"`` counts with the kernel of
 ``triton_kernels/simhash.py``); theta needs the candidates' keys only (``needs_keys``: the keys are
-read for the sample, never scored in full). ``magicpig_reference`` beside it is the plain-loop
-reference the tests compare with.
+read for the sample, never scored in full). The vLLM step still gathers every key of the rows from
+the paged cache before selecting (what ``needs_keys`` means there): a copy per layer and step that
+reading the sample's keys through the page table would avoid. ``magicpig_reference`` beside it is
+the plain-loop reference the tests compare with.
 """
 
 from __future__ import annotations
