@@ -241,7 +241,8 @@ def expand_densities(
     methods: dict[str, object | None], densities: Sequence[float]
 ) -> dict[str, object | None]:
     """Each dynamic method of ``methods`` once per density (``name@0.05``, budget by density); dense
-    and static methods once, unchanged. The order: as given, densities ascending within a method."""
+    and static methods, and dynamic ones without a budget (MagicPIG), once, unchanged. The order: as
+    given, densities ascending within a method."""
     if not densities:
         return dict(methods)
     ds = sorted({float(d) for d in densities})
@@ -250,7 +251,7 @@ def expand_densities(
     out: dict[str, object | None] = {}
     for name, method in methods.items():
         dyn = _dynamic_of(method)
-        if dyn is None:
+        if dyn is None or not dyn.has_budget:
             out[name] = method
             continue
         for d in ds:

@@ -1,6 +1,6 @@
 """sparse_attn: sparse attention for long-context LLM serving.
 
-Patterns (S2, SinkLocal, MoA, BlockSparse, Dense) and content-based methods (TopK, Quest, Loki) compile to two sparse formats (BlockLayout for
+Patterns (S2, SinkLocal, MoA, BlockSparse, Dense) and content-based methods (TopK, Quest, Loki, MagicPIG) compile to two sparse formats (BlockLayout for
 prefill, TokenSelection for decode) that the kernels execute. Importing this package has no side
 effects: no CUDA calls, no environment writes, no optional dependency imports.
 """
@@ -30,6 +30,7 @@ from .methods import (
     Dense,
     DynamicMethod,
     Loki,
+    MagicPIG,
     MoA,
     Quest,
     SideSpec,
@@ -55,6 +56,7 @@ __all__ = [
     "DynamicMethod",
     "LayoutError",
     "Loki",
+    "MagicPIG",
     "MoA",
     "PlanFileError",
     "Quest",

@@ -444,6 +444,8 @@ def test_expand_densities() -> None:
     assert preset["q@0.05"] == sparse_attn.Quest(density=0.05)
     with pytest.raises(ValueError, match="densities"):
         accuracy.expand_densities({"topk": sparse_attn.TopK()}, [0.0])
+    pig = sparse_attn.MagicPIG(bits=6, tables=20)  # no budget: its sample size is measured
+    assert accuracy.expand_densities({"pig": pig}, [0.05, 0.1]) == {"pig": pig}
 
 
 def test_decode_tail_sweep_end_to_end(tiny_llama, tokenizer, tmp_path) -> None:

@@ -1,8 +1,11 @@
-"""Dynamic methods (TopK, Quest, Loki) through the Hugging Face patch: dense limit, cached decode against a
+"""Dynamic methods (TopK, Quest, Loki, MagicPIG) through the Hugging Face patch: dense limit, cached
+decode against a
 float64 reference over exactly the keys each step reports selecting, and no stale side data across
 generate calls, beam search and left-padded batches."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,8 +13,11 @@ from hf_models import DECODERS, build, inputs, loki_basis
 from oracle import dense_attention
 
 import sparse_attn
-from sparse_attn import S2, Loki, Quest, SparseAttentionConfig, TopK
+from sparse_attn import S2, Loki, MagicPIG, Quest, SparseAttentionConfig, TopK
+from sparse_attn.artifact import ModelShape
+from sparse_attn.errors import PlanFileError
 from sparse_attn.integrations.hf import SparsePatch
+from sparse_attn.methods.magicpig import save_centres
 from sparse_attn.side_data import ContiguousSideStore
 
 PADS = [0, 7]
@@ -19,8 +25,10 @@ GEN = dict(do_sample=False, pad_token_id=0)
 SPARSE = {
     "topk": TopK(tokens=12, sink_tokens=2, local_tokens=3, block_size=8),
     "quest": Quest(tokens=16, sink_tokens=2, local_tokens=4, block_size=4),
+    # 4 bits, 6 tables: a key at a random angle is sampled with u of a few percent
+    "magicpig": MagicPIG(bits=4, tables=6, seed=1, sink_tokens=2, local_tokens=3),
 }
-NAMES = ["loki", "quest", "topk"]
+NAMES = ["loki", "magicpig", "quest", "topk"]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +41,12 @@ def sparse(tmp_path_factory) -> dict[str, object]:
 @pytest.mark.parametrize("arch", [a for a in DECODERS if a.window is None][:3], ids=lambda a: a.name)
 @pytest.mark.parametrize("name", NAMES)
 def test_budget_covering_the_row_generates_like_the_unpatched_model(arch, name, tmp_path) -> None:
-    if name == "loki":
-        method = Loki(density=1.0, rank=4, basis=loki_basis(arch.name, tmp_path / "basis"))
-    else:
-        method = TopK(density=1.0, block_size=8) if name == "topk" else Quest(density=1.0, block_size=4)
+    method = {
+        "loki": lambda: Loki(density=1.0, rank=4, basis=loki_basis(arch.name, tmp_path / "basis")),
+        "magicpig": lambda: MagicPIG(local_tokens=10_000),
+        "quest": lambda: Quest(density=1.0, block_size=4),
+        "topk": lambda: TopK(density=1.0, block_size=8),
+    }[name]()
     model = build(arch.name)
     ids, mask = inputs(arch, 2, 30, PADS)
     with torch.no_grad():
@@ -49,11 +59,18 @@ def test_budget_covering_the_row_generates_like_the_unpatched_model(arch, name, 
     assert stats["prefill_by_design"] == (0 if isinstance(method, TopK) else 2)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_cached_decode_equals_float64_attention_over_the_reported_selection(name, sparse, monkeypatch) -> None:
+@pytest.mark.parametrize("name", [*NAMES, "magicpig-centred"])
+def test_cached_decode_equals_float64_attention_over_the_reported_selection(
+    name, sparse, monkeypatch, tmp_path
+) -> None:
     """Every decode call of every layer: the patch's output equals float64 attention over exactly the
-    keys its selection names (mapped back through the left padding the test built)."""
-    method = sparse[name]
+    keys its selection names (mapped back through the left padding the test built), with the
+    selection's log-weights (MagicPIG's) added to their logits. A selection has one row per KV head
+    (shared by its group) or per query head (MagicPIG)."""
+    model = build("llama")
+    method = sparse[name.removesuffix("-centred")]
+    if name.endswith("-centred"):
+        method = _with_centres(method, model, tmp_path)
     original = SparsePatch._attend_dynamic
     checked = []
 
@@ -66,22 +83,49 @@ def test_cached_decode_equals_float64_attention_over_the_reported_selection(name
         b, hq, _, _ = query.shape
         group = hq // sel.num_heads
         mask = torch.zeros(b, hq, 1, key.shape[2], dtype=torch.bool)
+        bias = torch.zeros(b, hq, 1, key.shape[2], dtype=torch.float64)
         for row in range(b):
             for h in range(hq):
                 n = int(sel.counts[row, h // group])
-                mask[row, h, 0, PADS[row] + sel.indices[row, h // group, :n]] = True
+                cols = PADS[row] + sel.indices[row, h // group, :n]
+                mask[row, h, 0, cols] = True
+                if sel.log_weights is not None:
+                    bias[row, h, 0, cols] = sel.log_weights[row, h // group, :n].double()
         assert int(sel.counts.min()) < key.shape[2] - max(PADS), "the selection must drop keys"
-        ref, _ = dense_attention(query, key, value, mask, scale=scaling)
+        if isinstance(method_, MagicPIG):
+            assert sel.num_heads == hq and bool((bias > 0).any()), "MagicPIG samples with weights"
+            assert method_.centres is None or method_.layer == args[0].layer_idx, "the layer's centre"
+        ref, _ = dense_attention(query, key, value, mask, scale=scaling, bias=bias)
         torch.testing.assert_close(out.transpose(1, 2).double(), ref, atol=2e-5, rtol=1e-5)
         checked.append(state)
         return out, extra
 
     monkeypatch.setattr(SparsePatch, "_attend_dynamic", spy)
-    model = build("llama")
     ids, mask = inputs(DECODERS[0], 2, 40, PADS)
     with torch.no_grad(), sparse_attn.patch(model, method):
         model.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN)
     assert len(checked) == 2 * 7  # two layers x seven cached steps
+
+
+def _with_centres(method: MagicPIG, model, tmp_path, layers: int | None = None) -> MagicPIG:
+    """``method`` with a centres artifact of random key means made for ``model``'s shape (with
+    ``layers`` layers instead, to make one for another model), at the scale of the tiny models' key
+    means (keys of std ~0.15, channel means up to ~0.08)."""
+    shape = ModelShape.from_hf_config(model.config)
+    if layers is not None:
+        shape = dataclasses.replace(shape, num_layers=layers)
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(shape.num_layers, shape.num_kv_heads, shape.head_dim, generator=g) * 0.05
+    path = save_centres(tmp_path / f"centres-{shape.num_layers}", centres, shape, "test")
+    return dataclasses.replace(method, centres=str(path))
+
+
+def test_magicpig_centres_made_for_another_model_are_refused_naming_both(tmp_path) -> None:
+    model = build("llama")
+    method = _with_centres(SPARSE["magicpig"], model, tmp_path, layers=5)
+    with pytest.raises(PlanFileError) as err:
+        sparse_attn.patch(model, method)
+    assert "5 layers" in str(err.value) and "2 layers" in str(err.value)
 
 
 def _poison_stores(handle) -> int:

@@ -1,10 +1,11 @@
-"""Dynamic methods (TopK, Quest) in the vLLM backend's step logic, without vLLM: paged side data
+"""Dynamic methods (TopK, Quest, MagicPIG) in the vLLM backend's step logic, without vLLM: paged side data
 written through the slot mapping, decode rows selecting from it (or from the keys), prefill rows
 (whole, chunked, a prompt's one-token last chunk) running the prefill selector or the static prefill
 plan, over shuffled page tables with NaN in every unused cache slot.
 
 References are independent: float64 dense attention (tests/oracle.py) over exactly the keys the
-brute-force selections of tests/bruteforce_dynamic.py choose.
+brute-force selections of tests/bruteforce_dynamic.py choose (MagicPIG: the keys and log-weights of
+its plain-loop reference, ``magicpig_reference``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_attn import ConfigError, Quest, SinkLocal, TopK
+from sparse_attn import ConfigError, MagicPIG, Quest, SinkLocal, TopK
 from sparse_attn.integrations.vllm.dynamic_step import DynamicStats
 from sparse_attn.integrations.vllm.step import HeadShard, PagedStep, attend
+from sparse_attn.methods.magicpig import magicpig_reference
 from sparse_attn.paged_side import PagedSideStore
 from tests import bruteforce as bf
 from tests import bruteforce_dynamic as bfd
@@ -34,6 +36,7 @@ REQUESTS = [
 ]
 
 METHODS = {
+    "magicpig": MagicPIG(bits=4, tables=8, seed=1, sink_tokens=4, local_tokens=8),
     "topk": TopK(tokens=40, sink_tokens=4, local_tokens=8, block_size=16),
     "topk_density": TopK(density=0.3, sink_tokens=2, local_tokens=5, block_size=32),
     "quest": Quest(tokens=64, sink_tokens=4, local_tokens=8, block_size=16),
@@ -116,10 +119,28 @@ class DynScenario(Scenario):
         for r, (q_len, kv_len) in enumerate(self.requests):
             q, k, v = self.request(r)
             decode = q_len == 1 and not bool(self.prefilling[r])
-            mask = selection_mask(method, q, k, q_len, kv_len, decode, self.d**-0.5)
-            out, _ = dense_attention(q, k, v, mask[None])
+            bias = None
+            if decode and isinstance(method, MagicPIG):
+                mask, bias = magicpig_mask_and_bias(method, q, k, kv_len)
+            else:
+                mask = selection_mask(method, q, k, q_len, kv_len, decode, self.d**-0.5)
+            out, _ = dense_attention(q, k, v, mask[None], bias=None if bias is None else bias[None])
             outs.append(out[0].transpose(0, 1))
         return torch.cat(outs)
+
+
+def magicpig_mask_and_bias(method, q, k, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [Hq, 1, kv_len] and float64 log-weights: what MagicPIG's reference samples per query head."""
+    m = method
+    chosen = magicpig_reference(
+        q, k, [kv_len], m.projection(q.shape[-1]), None, m.bits, m.tables, m.sink_tokens, m.local_tokens
+    )[0]
+    mask = torch.zeros(q.shape[1], 1, kv_len, dtype=torch.bool)
+    bias = torch.zeros(q.shape[1], 1, kv_len, dtype=torch.float64)
+    for h, keys in enumerate(chosen):
+        for j, lw in keys.items():
+            mask[h, 0, j], bias[h, 0, j] = True, lw
+    return mask, bias
 
 
 def _budget(method) -> dict:
@@ -172,6 +193,8 @@ TOL = dict(atol=2e-5, rtol=2e-5)
         ("quest", 4, 2, 16),
         ("quest", 6, 2, 32),
         ("quest_static_prefill", 3, 3, 16),
+        ("magicpig", 4, 2, 16),
+        ("magicpig", 3, 3, 32),
     ],
 )
 def test_dynamic_step_matches_brute_force_selection(name: str, hq: int, hkv: int, page_size: int) -> None:
@@ -271,7 +294,7 @@ def test_missing_side_store_is_refused() -> None:
         )
 
 
-@pytest.mark.parametrize("name", ["topk", "quest"])
+@pytest.mark.parametrize("name", ["topk", "quest", "magicpig"])
 def test_triton_paged_path_matches_brute_force(name: str) -> None:
     """The GPU path (Triton attention and scoring kernels) in Triton's interpreter."""
     requests = [(1, 50, False), (17, 40, True), (1, 1, False), (9, 33, True)]

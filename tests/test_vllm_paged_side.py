@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from sparse_attn import ConfigError, Quest, ShapeError, TopK
+from sparse_attn import ConfigError, MagicPIG, Quest, ShapeError, TopK
 from sparse_attn.methods import DynamicMethod, SideSpec
 from sparse_attn.paged_side import (
     PagedSideStore,
@@ -102,6 +102,7 @@ CASES = [
     (Quest(block_size=8), (95, 130, 7), 3, 32),
     (Quest(block_size=16), (300, 45), 1, 64),
     (Sketch(), (77, 1, 130), 2, 16),
+    (MagicPIG(bits=5, tables=7), (77, 1, 130), 2, 16),
 ]
 
 
@@ -120,9 +121,14 @@ def test_bfloat16_keys_keep_their_dtype() -> None:
     assert store.data.dtype == torch.bfloat16
     paged.fill(store)
     assert_side_equal(store, paged, Quest(block_size=16))
+    # side data of its own dtype (MagicPIG's int16 codes) keeps it next to bf16 keys
+    codes = PagedSideStore.for_cache(MagicPIG(bits=4, tables=5), paged.cache)
+    assert codes.data.dtype == torch.int16
+    paged.fill(codes)
+    assert_side_equal(codes, paged, MagicPIG(bits=4, tables=5))
 
 
-@pytest.mark.parametrize("method", [Quest(block_size=16), Sketch()])
+@pytest.mark.parametrize("method", [Quest(block_size=16), Sketch(), MagicPIG(bits=5, tables=7)])
 def test_prefix_cached_pages_serve_every_request_that_shares_them(method) -> None:
     """B maps A's first three full pages (prefix caching) and writes only its own suffix: B's side
     data equals that of its whole key sequence, and A's is untouched."""

@@ -250,8 +250,12 @@ class SparseAttentionImpl(AttentionImpl[SparseAttentionMetadata]):
             dynamic = dynamic_of(methods)
             if dynamic is not None:
                 check_shard(dynamic, self.shard)
-                dynamic.check_fits(self.num_heads, self.num_kv_heads)
                 dynamic.check_model(self._model_shape)
+                kv = self.shard.kv_slice()
+                if kv.stop - kv.start != self.shard.num_kv_heads:  # this rank's part of the heads
+                    dynamic = dynamic.for_kv_heads(kv.start, kv.stop - kv.start)
+                    methods = (dynamic,) * len(methods)
+                dynamic.check_fits(self.num_heads, self.num_kv_heads)
                 if self.kv_sharing_target_layer_name is not None:
                     raise NotImplementedError(
                         f"the sparse_attn backend does not support {dynamic.name} on a layer that shares "

@@ -10,6 +10,7 @@ from .block_sparse import BlockSparse
 from .dense import Dense
 from .dynamic import DynamicMethod, SideSpec
 from .loki import Loki
+from .magicpig import MagicPIG
 from .moa import MoA
 from .quest import Quest
 from .s2 import S2
@@ -19,7 +20,7 @@ from .topk import TopK
 Method = StaticMethod | DynamicMethod
 
 METHODS: dict[str, type[StaticMethod] | type[DynamicMethod]] = {
-    cls.name: cls for cls in (Dense, SinkLocal, S2, MoA, BlockSparse, TopK, Quest, Loki)
+    cls.name: cls for cls in (Dense, SinkLocal, S2, MoA, BlockSparse, TopK, Quest, Loki, MagicPIG)
 }
 
 
@@ -45,6 +46,7 @@ __all__ = [
     "Dense",
     "DynamicMethod",
     "Loki",
+    "MagicPIG",
     "Method",
     "MoA",
     "Quest",

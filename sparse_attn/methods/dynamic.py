@@ -81,6 +81,9 @@ class DynamicMethod:
     default_density: ClassVar[float | None] = None
     default_tokens: ClassVar[int | None] = None
     needs_keys: ClassVar[bool] = False
+    # False for a method whose selection size follows the data (MagicPIG's sample): density and
+    # tokens do not apply, and sweeps over budgets run it once
+    has_budget: ClassVar[bool] = True
     density: float | None
     tokens: int | None
     sink_tokens: int
@@ -176,6 +179,11 @@ class DynamicMethod:
         return "dense" if self.prefill is None else self.prefill.name
 
     def for_layer(self, layer_idx: int) -> DynamicMethod:
+        return self
+
+    def for_kv_heads(self, first: int, count: int) -> DynamicMethod:
+        """The method for a tensor-parallel rank that holds the layer's KV heads [first, first +
+        count): methods with per-head calibration (MagicPIG's centres) keep those heads' part."""
         return self
 
     def check_model(self, model: ModelShape) -> None:
