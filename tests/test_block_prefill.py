@@ -5,6 +5,7 @@ the palette of partial-block masks and rows that see no key."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import zlib
 
@@ -283,17 +284,17 @@ def test_band_kernel_runs_sink_window_layouts_exactly(case, shape, monkeypatch):
 
 
 def test_band_kernel_units_follow_per_head_spans():
-    """MoA: heads of a KV head with equal spans share a unit, others get their own."""
-    moa = sa.MoA(
-        alphas=[[40.0, 40.0, 90.0, 17.0, 17.0, 17.0]], betas=[[0.0] * 6], sink_tokens=5, min_span=9, block_size=16
+    """MoA: a KV head's query heads with one span are one unit; spans that differ within a KV head
+    stay on the block kernel (its GQA union), exact either way."""
+    same = sa.MoA(
+        alphas=[[40.0, 40.0, 40.0, 17.0, 17.0, 17.0]], betas=[[0.0] * 6], sink_tokens=5, min_span=9, block_size=16
     )
-    layout = _check(moa, ((300,), (300,), 6, 2, 32, True))
+    layout = _check(same, ((300,), (300,), 6, 2, 32, True))
     (plan,) = _plans(layout).values()
-    assert [(u.kv_head, u.heads, u.window) for u in plan.units] == [
-        (0, slice(0, 2), 40),
-        (0, slice(2, 3), 90),
-        (1, slice(3, 6), 17),
-    ]
+    assert [(u.kv_head, u.heads, u.window) for u in plan.units] == [(0, slice(0, 3), 40), (1, slice(3, 6), 17)]
+    mixed = dataclasses.replace(same, alphas=[[40.0, 40.0, 90.0, 17.0, 17.0, 17.0]])
+    layout = _check(mixed, ((300,), (300,), 6, 2, 32, True))
+    assert not any(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values())
 
 
 @pytest.mark.parametrize(

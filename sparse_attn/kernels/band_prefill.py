@@ -1,6 +1,7 @@
 """Sink + sliding-window prefill in plain PyTorch, gathered by token rather than by key block.
 
-A causal sink + window pattern (SinkLocal, MoA's per-head spans) is translation invariant: a tile of
+A causal sink + window pattern (SinkLocal; MoA's spans where a KV head's query heads share one) is
+translation invariant: a tile of
 ``block_q`` queries starting at position p0 sees the sinks [0, s) and the band (p0 - w, p0 + block_q),
 ``s + w + block_q - 1`` keys, and the mask over that band is the same for every tile away from the
 start of the row. The block kernel gathers whole key blocks instead: the sink block for s < block_k
@@ -88,6 +89,10 @@ def band_plan(layout: BlockLayout, b: int, hq: int, hkv: int) -> BandPlan | None
                 r = row_of[start]
                 units.append(_Unit(kv, slice(start, q), int(sink[r]), int(window[r])))
                 start = q
+    if len(units) > hkv:
+        # query heads of one KV head with different spans (MoA) would run one unit per span: matmuls
+        # of a single head's tile rows, measured slower than the block kernel's GQA union of blocks
+        return None
     return BandPlan(tuple(units), geo.q_start, geo.q_len, geo.kv_len, layout.block_q)
 
 
