@@ -326,3 +326,19 @@ def test_a_window_that_lists_fewer_blocks_stays_on_the_block_kernel():
     out, _ = block_sparse_attention_torch(q, k, v, layout, 32**-0.5, need_lse=False)
     torch.testing.assert_close(out.double(), ref_out, **TOL)
     assert not any(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values())
+
+
+def test_band_kernel_with_a_dense_kv_group():
+    """Mixed heads: a KV head of SinkLocal heads and one of dense heads (a window past the row) is a
+    band plan of two units, the dense unit's window clamped to the row; exact."""
+    from sparse_attn.planning import plan_heads
+
+    sink_local = sa.SinkLocal(sink_tokens=4, window_tokens=37, block_size=16)
+    layout = plan_heads([sink_local, sink_local, None, None], torch.tensor([150]), torch.tensor([150]), 2, True)
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 32, seed=8)
+    ref_out, ref_lse = dense_attention(q, k, v, layout.to_dense_mask())
+    out, lse = block_sparse_attention_torch(q, k, v, layout, 32**-0.5, need_lse=True)
+    torch.testing.assert_close(out.double(), ref_out, **TOL)
+    torch.testing.assert_close(lse.double(), ref_lse, **TOL)
+    (plan,) = _plans(layout).values()
+    assert [(u.kv_head, u.window) for u in plan.units] == [(0, 37), (1, 150)]

@@ -75,6 +75,8 @@ def band_plan(layout: BlockLayout, b: int, hq: int, hkv: int) -> BandPlan | None
     listed.scatter_(2, torch.where(used, idx, nkb), True)
     if not torch.equal(listed[..., :nkb], expected.expand(h, nt, nkb)):
         return None
+    # a window past the row's keys (a dense head's) keeps every earlier key: the row's length
+    window = window.clamp(max=geo.kv_len)
     g = hq // hkv
     row_of = [0 if h == 1 else (q // g if h == hkv else q) for q in range(hq)]
     units: list[_Unit] = []
