@@ -138,6 +138,7 @@ def test_union_choice_sets_the_unit(waste, heads, monkeypatch):
 @pytest.mark.parametrize("band", [True, False], ids=["band-kernel", "block-kernel"])
 def test_plan_is_kept_on_the_layout_and_reused(band, monkeypatch):
     monkeypatch.setattr(block_prefill, "BAND_PREFILL", band)
+    monkeypatch.setattr(band_prefill, "MIN_SAVING", 0.0)
     shape = ((1000,), (1000,), 8, 2, 64, True)
     method = METHODS["SinkLocal"](8)
     layout = _check(method, shape)
@@ -277,15 +278,17 @@ def test_band_kernel_runs_sink_window_layouts_exactly(case, shape, monkeypatch):
     """SinkLocal layouts run on the band kernel (a BandPlan is kept on the layout), in one chunk
     or in chunks of a tile, equal to the oracle."""
     sink, window, block = case
+    monkeypatch.setattr(band_prefill, "MIN_SAVING", 0.0)
     for chunk in (band_prefill.CHUNK_BYTES, 1):
         monkeypatch.setattr(band_prefill, "CHUNK_BYTES", chunk)
         layout = _check(sa.SinkLocal(sink_tokens=sink, window_tokens=window, block_size=block), shape)
         assert all(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values())
 
 
-def test_band_kernel_units_follow_per_head_spans():
+def test_band_kernel_units_follow_per_head_spans(monkeypatch):
     """MoA: a KV head's query heads with one span are one unit; spans that differ within a KV head
     stay on the block kernel (its GQA union), exact either way."""
+    monkeypatch.setattr(band_prefill, "MIN_SAVING", 0.0)
     same = sa.MoA(
         alphas=[[40.0, 40.0, 40.0, 17.0, 17.0, 17.0]], betas=[[0.0] * 6], sink_tokens=5, min_span=9, block_size=16
     )
@@ -328,9 +331,10 @@ def test_a_window_that_lists_fewer_blocks_stays_on_the_block_kernel():
     assert not any(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values())
 
 
-def test_band_kernel_with_a_dense_kv_group():
+def test_band_kernel_with_a_dense_kv_group(monkeypatch):
     """Mixed heads: a KV head of SinkLocal heads and one of dense heads (a window past the row) is a
     band plan of two units, the dense unit's window clamped to the row; exact."""
+    monkeypatch.setattr(band_prefill, "MIN_SAVING", 0.0)
     from sparse_attn.planning import plan_heads
 
     sink_local = sa.SinkLocal(sink_tokens=4, window_tokens=37, block_size=16)
@@ -342,3 +346,14 @@ def test_band_kernel_with_a_dense_kv_group():
     torch.testing.assert_close(lse.double(), ref_lse, **TOL)
     (plan,) = _plans(layout).values()
     assert [(u.kv_head, u.window) for u in plan.units] == [(0, 37), (1, 150)]
+
+
+@pytest.mark.parametrize("window, band", [(37, True), (1000, False)], ids=["narrow-window", "wide-window"])
+def test_band_kernel_only_where_it_saves_enough_columns(window, band):
+    """A 37-key window with 4 sinks in 16-key tiles: the block kernel computes ~1.5x the band's
+    columns (band kernel); a 1000-key window in 64-key tiles: ~1.05x (block kernel)."""
+    block = 16 if window < 100 else 64
+    layout = _check(
+        sa.SinkLocal(sink_tokens=4, window_tokens=window, block_size=block), ((3000,), (3000,), 4, 2, 32, True)
+    )
+    assert any(isinstance(p, band_prefill.BandPlan) for p in _plans(layout).values()) == band
