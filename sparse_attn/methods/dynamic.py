@@ -331,3 +331,25 @@ def top_tokens_of_full_rows(
     indices = top.indices.sort(dim=-1).values
     counts = torch.full((b, hkv), count, dtype=torch.int64, device=scores.device)
     return TokenSelection(indices, counts).built_for(kv_lens.to("cpu", torch.int64))
+
+
+def top_tokens_by_scores(
+    scores: torch.Tensor,  # [B, Hkv, G*Sq, N] scaled logits, -inf where not allowed
+    kv_lens: torch.Tensor,
+    q_lens: torch.Tensor,
+    budget: Callable[[torch.Tensor], torch.Tensor],
+    sink: int,
+    local: int,
+) -> TokenSelection:
+    """A token-level selector's decode selection from its scores (TopK's exact ones, Loki's low-rank
+    ones): the group's attention mass per key, the first ``sink`` and last ``local`` keys always
+    kept, the best others up to the budget (ties to the earlier key). The full-row fast path where it
+    applies, else ``group_log_mass`` + ``top_by_score``."""
+    fast = top_tokens_of_full_rows(scores, kv_lens, q_lens, budget, sink, local)
+    if fast is not None:
+        return fast
+    score = group_log_mass(scores)  # [B, Hkv, N]
+    b, hkv, n = score.shape
+    forced = always_kept(kv_lens, n, sink, local, score.device)
+    chosen = top_by_score(score, forced[:, None].expand(b, hkv, n), budget(kv_lens)[:, None])
+    return mask_to_selection(chosen).built_for(kv_lens.to("cpu", torch.int64))

@@ -37,12 +37,8 @@ from .base import StaticMethod
 from .dynamic import (
     DynamicMethod,
     SideSpec,
-    always_kept,
     check_decode_inputs,
-    group_log_mass,
-    mask_to_selection,
-    top_by_score,
-    top_tokens_of_full_rows,
+    top_tokens_by_scores,
 )
 
 ARTIFACT_KIND = "loki"
@@ -272,16 +268,9 @@ class Loki(DynamicMethod):
         backend: str = "torch",
     ) -> TokenSelection:
         assert side is not None, "Loki selects from its projected keys"
-        b, hkv, _ = check_decode_inputs(q, side, "side")
+        check_decode_inputs(q, side, "side")  # ShapeError when the side data does not fit q
         scores = low_rank_scores(q, side, self.projection(q.device), kv_lens, q_lens, scale, causal, backend)
-        fast = top_tokens_of_full_rows(scores, kv_lens, q_lens, self.budget, self.sink_tokens, self.local_tokens)
-        if fast is not None:
-            return fast
-        score = group_log_mass(scores)  # [B, Hkv, N]
-        n = score.shape[-1]
-        forced = always_kept(kv_lens, n, self.sink_tokens, self.local_tokens, score.device)
-        chosen = top_by_score(score, forced[:, None].expand(b, hkv, n), self.budget(kv_lens)[:, None])
-        return mask_to_selection(chosen).built_for(kv_lens.to("cpu", torch.int64))
+        return top_tokens_by_scores(scores, kv_lens, q_lens, self.budget, self.sink_tokens, self.local_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

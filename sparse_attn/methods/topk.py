@@ -28,12 +28,9 @@ from ..validation import check_positive_int
 from .base import StaticMethod, _RowPlan, _stack_rows
 from .dynamic import (
     DynamicMethod,
-    always_kept,
     check_decode_inputs,
-    group_log_mass,
-    mask_to_selection,
     top_by_score,
-    top_tokens_of_full_rows,
+    top_tokens_by_scores,
 )
 
 # Score elements computed at once by the prefill oracle (bounds its temporaries at ~64 MiB fp32).
@@ -73,14 +70,7 @@ class TopK(DynamicMethod):
     ) -> TokenSelection:
         assert k is not None, "TopK reads the keys"
         scores = exact_scores(q, k, kv_lens, q_lens, scale, causal, backend)  # [B, Hkv, G*Sq, N]
-        fast = top_tokens_of_full_rows(scores, kv_lens, q_lens, self.budget, self.sink_tokens, self.local_tokens)
-        if fast is not None:
-            return fast
-        score = group_log_mass(scores)  # [B, Hkv, N]
-        b, hkv, n = score.shape
-        forced = always_kept(kv_lens, n, self.sink_tokens, self.local_tokens, score.device)
-        chosen = top_by_score(score, forced[:, None].expand(b, hkv, n), self.budget(kv_lens)[:, None])
-        return mask_to_selection(chosen).built_for(kv_lens.to("cpu", torch.int64))
+        return top_tokens_by_scores(scores, kv_lens, q_lens, self.budget, self.sink_tokens, self.local_tokens)
 
     # prefill -----------------------------------------------------------------------------------------
     def select_prefill(
