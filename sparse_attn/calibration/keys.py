@@ -9,7 +9,8 @@ Never a copied model forward.
 
 Only sums are kept (float64): the key count, the sum of keys and the sum of their outer products per
 (layer, KV head), so memory is O(layers x KV heads x D^2) whatever the number of tokens. From them:
-``means`` (MagicPIG's centres) and ``second_moment`` (Loki's PCA).
+``means`` (MagicPIG's centres) and ``second_moment`` (Loki's PCA). ``collect_windows`` cuts the
+calibration text into windows (``token_windows``) and collects them: what every calibration shares.
 """
 
 from __future__ import annotations
