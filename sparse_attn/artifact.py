@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,17 @@ class Artifact:
     model: ModelShape
     meta: dict[str, Any]
     path: Path
+
+
+def resolve_artifact(name_or_path: str | Path, shipped: Mapping[str, str]) -> Path:
+    """The .safetensors path of an artifact: a name in ``shipped`` (name -> file stem in
+    ``sparse_attn/data``) or a path, with or without the .safetensors suffix, resolved."""
+    if isinstance(name_or_path, str) and name_or_path in shipped:
+        return (Path(__file__).resolve().parent / "data" / shipped[name_or_path]).with_suffix(".safetensors")
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    return path.resolve()
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:

@@ -12,8 +12,8 @@
     sparse-attn bench quest-bound [--model smollm2|DIR] [--length 4k] [--blocks 16,8] [--out DIR]
     sparse-attn bench report JSON [--readme README.md]
                                  [--json PATH] [--repeats N] [--threads N] [--flex/--no-flex]
-    sparse-attn calibrate loki --model smollm2|DIR --data FILE... --out PATH
-                               [--max-tokens N] [--seq-len N] [--threads N]
+    sparse-attn calibrate loki|magicpig --model smollm2|DIR --data FILE... --out PATH
+                                        [--max-tokens N] [--seq-len N] [--threads N]
 
 Subcommands import what they need when they run; importing this module has no side effects.
 """
@@ -352,34 +352,50 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="make a calibration artifact for a content-based method")
     cal_sub = cal.add_subparsers(dest="calibrate_command", metavar="METHOD")
     cal_sub.required = True
-    lk = cal_sub.add_parser(
-        "loki",
-        help="Loki basis: PCA of the model's post-RoPE keys per layer and KV head",
-        description="Runs the model over the text files (concatenated in order, cut into --seq-len "
-        "windows, at most --max-tokens tokens), sums each layer's and KV head's post-RoPE keys and their "
-        "outer products, and writes the principal directions as OUT.safetensors + OUT.json (the "
-        "sidecar records the model's shape and this command line).",
-    )
-    lk.add_argument("--model", default="smollm2", metavar="smollm2|DIR", help="model (default smollm2)")
-    lk.add_argument("--data", nargs="+", required=True, metavar="FILE", help="text files to calibrate on")
-    lk.add_argument("--out", required=True, metavar="PATH", help="artifact path (without suffix)")
-    lk.add_argument(
-        "--max-tokens", type=_parse_length, default=None, metavar="N", help="token cap (default: all)"
-    )
-    lk.add_argument("--seq-len", type=_parse_length, default=2048, metavar="N", help="window (2048)")
-    lk.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch threads")
-    lk.set_defaults(handler=_cmd_calibrate_loki)
+    # name -> (what it makes, what the run writes from the key sums)
+    calibrations = {
+        "loki": (
+            "Loki basis: PCA of the model's post-RoPE keys per layer and KV head",
+            "sums each layer's and KV head's post-RoPE keys and their outer products, and writes the "
+            "principal directions",
+        ),
+        "magicpig": (
+            "MagicPIG centres: the mean post-RoPE key per layer and KV head",
+            "sums each layer's and KV head's post-RoPE keys and writes their means (the centres "
+            "MagicPIG subtracts before hashing)",
+        ),
+    }
+    for name, (summary, writes) in calibrations.items():
+        cp = cal_sub.add_parser(
+            name,
+            help=summary,
+            description="Runs the model over the text files (concatenated in order, cut into --seq-len "
+            f"windows, at most --max-tokens tokens), {writes} as OUT.safetensors + OUT.json (the "
+            "sidecar records the model's shape and this command line).",
+        )
+        cp.add_argument("--model", default="smollm2", metavar="smollm2|DIR", help="model (default smollm2)")
+        cp.add_argument("--data", nargs="+", required=True, metavar="FILE", help="text files to calibrate on")
+        cp.add_argument("--out", required=True, metavar="PATH", help="artifact path (without suffix)")
+        cp.add_argument(
+            "--max-tokens", type=_parse_length, default=None, metavar="N", help="token cap (default: all)"
+        )
+        cp.add_argument("--seq-len", type=_parse_length, default=2048, metavar="N", help="window (2048)")
+        cp.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch threads")
+        cp.set_defaults(handler=_cmd_calibrate)
     return parser
 
 
-def _cmd_calibrate_loki(args: argparse.Namespace) -> int:
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    """``sparse-attn calibrate METHOD``: read the texts, load the model, run the method's calibration
+    under a progress bar and write its artifact (the sidecar records this command line)."""
     import shlex
     from pathlib import Path
 
     import torch
 
-    from .calibration import calibrate_loki, token_windows
+    from . import calibration
 
+    method = args.calibrate_command
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -395,23 +411,20 @@ def _cmd_calibrate_loki(args: argparse.Namespace) -> int:
             return 2
         texts.append(path.read_text(encoding="utf-8", errors="replace"))
     model, tokenizer = _import_bench("accuracy").load_model(args.model)
-    windows = token_windows(texts, tokenizer, args.seq_len, args.max_tokens)
+    # cut here (not inside the calibration) so the bar knows the total
+    windows = calibration.token_windows(texts, tokenizer, args.seq_len, args.max_tokens)
     total = sum(len(w) for w in windows)
-    command = shlex.join(["sparse-attn", *sys.argv[1:]]) if sys.argv[1:] else "sparse-attn calibrate loki"
+    argv = sys.argv[1:] or ["calibrate", method]
+    command = shlex.join(["sparse-attn", *argv])
     meta = {"model": args.model, "data": list(args.data)}
-    with tqdm(total=total, desc="calibrate loki", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
-        tensors, stats = calibrate_loki(
-            model,
-            windows,
-            seq_len=args.seq_len,
-            out=args.out,
-            command=command,
-            meta=meta,
-            progress=bar.update,
+    calibrate = {"loki": calibration.calibrate_loki, "magicpig": calibration.calibrate_magicpig}[method]
+    with tqdm(total=total, desc=f"calibrate {method}", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
+        _, stats = calibrate(
+            model, windows, seq_len=args.seq_len, out=args.out, command=command, meta=meta, progress=bar.update
         )
     print(
-        f"wrote {Path(args.out).with_suffix('.safetensors')} and .json: {stats.tokens()} tokens, "
-        f"basis {tuple(tensors['basis'].shape)}"
+        f"wrote {Path(args.out).with_suffix('.safetensors')} and .json: {stats.tokens()} tokens of "
+        f"{stats.model.describe()}"
     )
     return 0
 

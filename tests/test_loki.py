@@ -343,26 +343,3 @@ def test_accuracy_benchmark_sweeps_loki_by_name() -> None:
     out = accuracy.expand_densities({"loki": sa.Loki(tokens=64, rank=8, basis="smollm2")}, [0.1, 0.05])
     assert list(out) == ["loki@0.05", "loki@0.1"]
     assert out["loki@0.05"] == sa.Loki(density=0.05, rank=8, basis="smollm2")
-
-
-def test_calibrate_cli_records_its_command(tmp_path, monkeypatch) -> None:
-    from sparse_attn import cli
-    from sparse_attn.bench import accuracy
-
-    model = build("llama")
-
-    class Tokenizer:
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [3 + ord(c) % 90 for c in text]}
-
-    monkeypatch.setattr(accuracy, "load_model", lambda spec: (model, Tokenizer()))
-    data = tmp_path / "text.txt"
-    data.write_text("calibration text, " * 20)
-    argv = ["calibrate", "loki", "--model", "tiny", "--data", str(data), "--out", str(tmp_path / "b"),
-            "--max-tokens", "300", "--seq-len", "128"]  # fmt: skip
-    monkeypatch.setattr("sys.argv", ["sparse-attn", *argv])
-    assert cli.main(argv) == 0
-    sidecar = json.loads((tmp_path / "b.json").read_text())
-    assert sidecar["command"] == "sparse-attn " + " ".join(argv)
-    assert sidecar["meta"]["tokens"] == 300 and sidecar["meta"]["data"] == [str(data)]
-    sa.Loki(basis=str(tmp_path / "b")).check_model(ModelShape.from_hf_config(model.config))

@@ -1,9 +1,11 @@
 """MagicPIG through the functional API: the SimHash collision probability, the selection and its
 weights against the plain-loop reference, the estimator's error as L grows, the always-kept keys,
-hashing of new decode tokens, centres from a calibration artifact, configs and errors."""
+hashing of new decode tokens, centres from a calibration artifact, their calibration (the mean of
+the keys a model computes) and the centres shipped for SmolLM2, configs and errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,10 +13,12 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.artifact import ModelShape
+from sparse_attn.calibration import calibrate_magicpig
 from sparse_attn.errors import ConfigError, PlanFileError, ShapeError
 from sparse_attn.methods import METHODS, method_from_dict
 from sparse_attn.methods import magicpig as mp
 from sparse_attn.side_data import ContiguousSideStore, compute_side_data
+from tests.hf_models import build
 from tests.oracle import dense_attention, make_qkv, max_err, selection_mask_and_bias
 
 FP32 = dict(atol=3e-5, rtol=1e-5)
@@ -284,6 +288,94 @@ def test_a_tensor_parallel_rank_keeps_its_kv_heads_centres(tmp_path) -> None:
     both = torch.cat((torch.randn(1, 2, 30, 16), keys), dim=1)
     assert torch.equal(rank.compute_side(keys), whole.compute_side(both)[:, 2:])
     assert sa.MagicPIG(bits=4, tables=6).for_kv_heads(2, 2).kv_heads is None  # nothing to slice
+
+
+# ------------------------------------------------------------------------------------ calibration
+def _keys_from_projections(model, windows):
+    """Post-RoPE keys per layer [Hkv, n, D] float64, recomputed from each attention module's input:
+    k_proj (k_norm where the model has one), then the rotary embedding written out here. Independent of
+    the attention seam the calibration reads."""
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def hook(module, args, kwargs):
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        k = module.k_proj(h).view(*h.shape[:-1], -1, module.head_dim)
+        if hasattr(module, "k_norm"):
+            k = module.k_norm(k)
+        k, cos, sin = k.transpose(1, 2).double(), cos[:, None].double(), sin[:, None].double()
+        half = k.shape[-1] // 2
+        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        seen.setdefault(module.layer_idx, []).append((k * cos + rotated * sin)[0])
+
+    attns = [layer.self_attn for layer in model.model.layers]
+    handles = [a.register_forward_pre_hook(hook, with_kwargs=True) for a in attns]
+    try:
+        with torch.no_grad():
+            for w in windows:
+                model(input_ids=torch.tensor([w]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: torch.cat(parts, dim=1) for layer, parts in seen.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_calibrated_centres_are_the_mean_keys(arch) -> None:
+    model = build(arch, num_heads=6, num_kv_heads=3, head_dim=16, layers=2)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 101, (37,), generator=g).tolist() for _ in range(3)]
+    # windows of 40 cross the sequences' ends; 100 of the 111 tokens: the last window is shorter
+    centres, stats = calibrate_magicpig(model, seqs, seq_len=40, max_tokens=100)
+    stream = [t for s in seqs for t in s][:100]
+    keys = _keys_from_projections(model, [stream[i : i + 40] for i in range(0, 100, 40)])
+    assert centres.dtype == torch.float32 and centres.shape == (2, 3, 16)
+    assert stats.tokens() == 100
+    for layer in range(2):
+        want = keys[layer].mean(1)  # [Hkv, D]
+        assert float(want.abs().max()) > 1e-2  # a centre that is not trivially zero
+        torch.testing.assert_close(centres[layer].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_calibrated_centres_round_trip_and_another_model_is_refused(tmp_path) -> None:
+    model = build("llama", num_heads=4, num_kv_heads=2, head_dim=16, layers=3)
+    seqs = [list(range(5, 60)), list(range(60, 5, -1))]
+    centres, _ = calibrate_magicpig(model, seqs, seq_len=32, out=tmp_path / "c", command="cmd --x", meta={"a": 1})
+    sidecar = json.loads((tmp_path / "c.json").read_text())
+    assert sidecar["command"] == "cmd --x" and sidecar["kind"] == "magicpig"
+    assert sidecar["meta"] == {"tokens": 110, "seq_len": 32, "windows": 4, "a": 1}
+    shape = ModelShape.from_hf_config(model.config)
+    method = sa.MagicPIG(bits=4, tables=6, centres=str(tmp_path / "c"))
+    method.check_model(shape)
+    for layer in range(3):
+        assert torch.equal(method.for_layer(layer).centre(2, 16, torch.device("cpu")), centres[layer])
+    other = ModelShape.from_hf_config(build("llama", num_heads=4, num_kv_heads=2, head_dim=8, layers=3).config)
+    with pytest.raises(PlanFileError) as err:
+        method.check_model(other)
+    assert shape.describe() in str(err.value) and other.describe() in str(err.value)
+    with pytest.raises(ConfigError, match="head_dim 16"):
+        sa.patch(build("llama", num_heads=4, num_kv_heads=2, head_dim=8, layers=3), method)
+
+
+def test_shipped_smollm2_centres() -> None:
+    path = mp.resolve_centres("smollm2")
+    assert path.is_file() and path.name == "magicpig_smollm2.safetensors", path
+    smollm2 = ModelShape("llama", 30, 9, 3, 64)
+    method = sa.MagicPIG(centres="smollm2")
+    method.check_model(smollm2)
+    centres = mp._load_centres("smollm2", smollm2)["centres"]
+    assert centres.shape == (30, 3, 64) and bool(centres.isfinite().all())
+    assert float(centres.norm(dim=-1).min()) > 0
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["command"].startswith("sparse-attn calibrate magicpig --model smollm2 ")
+    assert torch.equal(method.for_layer(7).centre(3, 64, torch.device("cpu")), centres[7])
+    with pytest.raises(PlanFileError, match="30 layers"):
+        method.check_model(ModelShape("llama", 2, 4, 2, 16))
+    # the config keeps the name, not the file's path
+    again = method_from_dict(json.loads(json.dumps(method.to_dict())))
+    assert again == method and again.centres == "smollm2"
+    cfg = sa.SparseAttentionConfig(default=method, dense_layers=(0,))
+    assert sa.SparseAttentionConfig.from_json(cfg.to_json()).method_for(3, 0).centres == "smollm2"
 
 
 # ------------------------------------------------------------------------------------ configs, errors

@@ -9,7 +9,8 @@ Never a copied model forward.
 
 Only sums are kept (float64): the key count, the sum of keys and the sum of their outer products per
 (layer, KV head), so memory is O(layers x KV heads x D^2) whatever the number of tokens. From them:
-``means`` (MagicPIG's centres) and ``second_moment`` (Loki's PCA).
+``means`` (MagicPIG's centres) and ``second_moment`` (Loki's PCA). ``collect_windows`` cuts the
+calibration text into windows (``token_windows``) and collects them: what every calibration shares.
 """
 
 from __future__ import annotations
@@ -148,3 +149,50 @@ def collect_key_stats(
 def key_means(stats: KeyStats) -> torch.Tensor:
     """The mean post-RoPE key per (layer, KV head), [L, Hkv, D] float64 (MagicPIG's centres)."""
     return stats.means()
+
+
+def token_windows(
+    token_ids_or_texts: Iterable[Sequence[int] | str],
+    tokenizer: Any | None,
+    seq_len: int,
+    max_tokens: int | None,
+) -> list[list[int]]:
+    """The calibration sequences: every source tokenised (texts need ``tokenizer``), concatenated in
+    order and cut into windows of ``seq_len`` tokens, at most ``max_tokens`` in all (a last shorter
+    window is kept)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ConfigError(f"seq_len must be a positive int, got {seq_len!r}")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0
+    ):
+        raise ConfigError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    stream: list[int] = []
+    for item in token_ids_or_texts:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ConfigError("texts need a tokenizer: pass tokenizer= or token ids")
+            stream.extend(int(t) for t in tokenizer(item, add_special_tokens=False)["input_ids"])
+        else:
+            stream.extend(int(t) for t in torch.as_tensor(item).reshape(-1).tolist())
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    if not stream:
+        raise ConfigError("no calibration tokens: the sources are empty")
+    return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+
+
+def collect_windows(
+    model: Any,
+    token_ids_or_texts: Iterable[Sequence[int] | str],
+    tokenizer: Any | None,
+    seq_len: int,
+    max_tokens: int | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[KeyStats, dict[str, Any]]:
+    """The key sums of ``model`` over the ``token_windows`` of the sources, and what an artifact's
+    sidecar records of the run (tokens, seq_len, windows): the part every calibration shares."""
+    windows = token_windows(token_ids_or_texts, tokenizer, seq_len, max_tokens)
+    stats = collect_key_stats(model, windows, progress=progress)
+    return stats, {"tokens": stats.tokens(), "seq_len": seq_len, "windows": len(windows)}

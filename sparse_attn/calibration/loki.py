@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..artifact import save_artifact
-from ..errors import ConfigError
-from .keys import KeyStats, collect_key_stats
+from .keys import KeyStats, collect_windows
 
 
 def principal_directions(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,38 +37,6 @@ def principal_directions(second_moment: torch.Tensor) -> tuple[torch.Tensor, tor
     total = evals.sum(-1, keepdim=True)
     explained = evals.cumsum(-1) / torch.where(total > 0, total, torch.ones_like(total))
     return evecs, explained
-
-
-def token_windows(
-    token_ids_or_texts: Iterable[Sequence[int] | str],
-    tokenizer: Any | None,
-    seq_len: int,
-    max_tokens: int | None,
-) -> list[list[int]]:
-    """The calibration sequences: every source tokenised (texts need ``tokenizer``), concatenated in
-    order and cut into windows of ``seq_len`` tokens, at most ``max_tokens`` in all (a last shorter
-    window is kept)."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ConfigError(f"seq_len must be a positive int, got {seq_len!r}")
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0
-    ):
-        raise ConfigError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-    stream: list[int] = []
-    for item in token_ids_or_texts:
-        if isinstance(item, str):
-            if tokenizer is None:
-                raise ConfigError("texts need a tokenizer: pass tokenizer= or token ids")
-            stream.extend(int(t) for t in tokenizer(item, add_special_tokens=False)["input_ids"])
-        else:
-            stream.extend(int(t) for t in torch.as_tensor(item).reshape(-1).tolist())
-        if max_tokens is not None and len(stream) >= max_tokens:
-            break
-    if max_tokens is not None:
-        stream = stream[:max_tokens]
-    if not stream:
-        raise ConfigError("no calibration tokens: the sources are empty")
-    return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
 
 
 def loki_tensors(stats: KeyStats) -> dict[str, torch.Tensor]:
@@ -94,10 +61,8 @@ def calibrate_loki(
 
     Returns (tensors, key sums); with ``out`` also writes the artifact ``out``.{safetensors,json}
     recording ``command`` and ``meta``. ``progress`` gets the tokens of each window as it runs."""
-    windows = token_windows(token_ids_or_texts, tokenizer, seq_len, max_tokens)
-    stats = collect_key_stats(model, windows, progress=progress)
+    stats, info = collect_windows(model, token_ids_or_texts, tokenizer, seq_len, max_tokens, progress)
     tensors = loki_tensors(stats)
     if out is not None:
-        info = {"tokens": stats.tokens(), "seq_len": seq_len, "windows": len(windows), "centred": False}
-        save_artifact(out, "loki", tensors, stats.model, command, {**info, **(meta or {})})
+        save_artifact(out, "loki", tensors, stats.model, command, {**info, "centred": False, **(meta or {})})
     return tensors, stats

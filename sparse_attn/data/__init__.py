@@ -1,1 +1,1 @@
-"""Calibration artifacts shipped with the package (Loki bases)."""
+"""Calibration artifacts shipped with the package (Loki bases, MagicPIG centres)."""

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..artifact import Artifact, ModelShape, check_model, load_artifact
+from ..artifact import Artifact, ModelShape, check_model, load_artifact, resolve_artifact
 from ..errors import ConfigError, PlanFileError, ShapeError
 from ..token_selection import TokenSelection
 from .base import StaticMethod
@@ -53,14 +53,7 @@ _CACHE_LOCK = threading.Lock()
 def resolve_basis(basis: str | Path) -> Path:
     """The artifact path of ``basis``: a shipped name (``"smollm2"``) or a path (with or without the
     .safetensors suffix), resolved."""
-    if isinstance(basis, str) and basis in SHIPPED_BASES:
-        return (Path(__file__).resolve().parent.parent / "data" / SHIPPED_BASES[basis]).with_suffix(
-            ".safetensors"
-        )
-    path = Path(basis).expanduser()
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
-    return path.resolve()
+    return resolve_artifact(basis, SHIPPED_BASES)
 
 
 def load_basis(basis: str | Path) -> Artifact:

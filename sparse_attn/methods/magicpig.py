@@ -1,8 +1,9 @@
 """MagicPIG: LSH sampling for decode attention (Chen et al., 2024), built to run on the CPU.
 
 Hashing. Keys are centred by a per-layer, per-KV-head mean ``c`` from calibration (a ``"magicpig"``
-artifact, ``sparse_attn.artifact``, holding ``centres`` [layers, Hkv, D]; ``centres=None`` skips
-centring). The paper centres by the mean of the current prompt's keys; a fixed calibrated centre
+artifact, ``sparse_attn.artifact``, holding ``centres`` [layers, Hkv, D], made by ``sparse-attn
+calibrate magicpig``; ``centres="smollm2"`` names the one shipped for SmolLM2-135M; ``centres=None``
+skips centring). The paper centres by the mean of the current prompt's keys; a fixed calibrated centre
 keeps the side data a pure function of the key, so a prefix-cached page's codes stay valid for
 every request that shares it. Each centred key is hashed with SimHash ``sign((k - c) W)``, ``W`` ~
 N(0, 1) of shape D x (K*L), seeded and identical on every device; the K bits of table t (columns
@@ -53,7 +54,7 @@ from typing import ClassVar
 
 import torch
 
-from ..artifact import ModelShape, load_artifact, save_artifact
+from ..artifact import ModelShape, load_artifact, resolve_artifact, save_artifact
 from ..errors import ConfigError, PlanFileError, ShapeError
 from ..token_selection import TokenSelection
 from ..validation import check_nonnegative_int
@@ -61,6 +62,8 @@ from .base import StaticMethod
 from .dynamic import DynamicMethod, SideSpec, always_kept, check_decode_inputs, mask_to_selection
 
 ARTIFACT_KIND = "magicpig"
+# Centres shipped in the package, by name (sparse_attn/data/<file>.{safetensors,json}).
+SHIPPED_CENTRES = {"smollm2": "magicpig_smollm2"}
 MAX_BITS = 32  # K bits of a table are packed into one int16 (K <= 16) or int32
 U_FLOOR = 1e-4  # the paper's floor in -log(u + 1e-4): bounds the weight of a key sampled by luck
 # Elements of a temporary (projections, code comparisons) made at once; bounds them at ~32 MiB.
@@ -79,7 +82,7 @@ _CHECKED: set[tuple[tuple[str, float], ModelShape]] = set()  # (artifact, model)
 class MagicPIG(DynamicMethod):
     """MagicPIG sampling: ``bits`` (K, 1..32) per table, ``tables`` (L, >= 2), ``seed`` of W, the
     always-kept ``sink_tokens`` and ``local_tokens``, ``centres`` (path of a ``"magicpig"`` artifact,
-    or None), ``layer`` (the layer whose centre applies; ``for_layer`` sets it), ``kv_heads``
+    a shipped name such as ``"smollm2"``, or None), ``layer`` (the layer whose centre applies; ``for_layer`` sets it), ``kv_heads``
     ((first, count) of the centres' KV heads a tensor-parallel rank holds; ``for_kv_heads`` sets it)
     and ``prefill`` (a static method, or dense when None). ``density`` and ``tokens`` must stay None
     (no budget)."""
@@ -120,7 +123,8 @@ class MagicPIG(DynamicMethod):
             object.__setattr__(self, "centres", os.fspath(self.centres))
         if self.centres is not None and not isinstance(self.centres, str):
             raise ConfigError(
-                f"centres must be the path of a magicpig artifact or None, got {self.centres!r}"
+                f"centres must be the path of a magicpig artifact, a shipped name {sorted(SHIPPED_CENTRES)} "
+                f"or None, got {self.centres!r}"
             )
         if self.layer is not None:
             check_nonnegative_int(self.layer, "layer")
@@ -384,13 +388,19 @@ def save_centres(
     return save_artifact(path, ARTIFACT_KIND, {"centres": centres.to(torch.float32)}, model, command, meta)
 
 
+def resolve_centres(centres: str | Path) -> Path:
+    """The artifact path of ``centres``: a shipped name (``"smollm2"``) or a path (with or without the
+    .safetensors suffix), resolved."""
+    return resolve_artifact(centres, SHIPPED_CENTRES)
+
+
 def _artifact_key(path: str) -> tuple[str, float]:
-    st = Path(path).with_suffix(".safetensors") if not path.endswith(".safetensors") else Path(path)
+    st = resolve_centres(path)
     try:
         mtime = st.stat().st_mtime
     except OSError:
         mtime = -1.0
-    return str(st.resolve()), mtime
+    return str(st), mtime
 
 
 def _load_centres(path: str, expect: ModelShape | None) -> dict[str, torch.Tensor]:
@@ -398,7 +408,7 @@ def _load_centres(path: str, expect: ModelShape | None) -> dict[str, torch.Tenso
     key = _artifact_key(path)
     tensors = _ARTIFACTS.get(key)
     if tensors is None or (expect is not None and (key, expect) not in _CHECKED):
-        art = load_artifact(path, ARTIFACT_KIND, expect=expect)
+        art = load_artifact(key[0], ARTIFACT_KIND, expect=expect)
         tensors = art.tensors
         if "centres" not in tensors or tensors["centres"].dim() != 3:
             raise PlanFileError(f"{art.path} holds no centres [layers, KV heads, head_dim] tensor")
