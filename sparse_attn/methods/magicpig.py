@@ -192,7 +192,12 @@ class MagicPIG(DynamicMethod):
                 "MagicPIG(centres=...) holds one centre per layer: bind one with .for_layer(layer_idx) "
                 "(SparseAttentionConfig, the patch and sparse_attention(layer_idx=...) do)"
             )
-        c = _layer_centre(self.centres, self.layer, device)
+        # kept on this (layer-bound) instance: a decode step asks twice per layer, and the file
+        # cache's key costs a stat of the artifact
+        bound: dict[torch.device, torch.Tensor] = self.__dict__.setdefault("_centre_on", {})
+        c = bound.get(device)
+        if c is None:
+            c = bound[device] = _layer_centre(self.centres, self.layer, device)
         if self.kv_heads is not None:  # a tensor-parallel rank's KV heads
             c = c[self.kv_heads[0] : self.kv_heads[0] + self.kv_heads[1]]
         if tuple(c.shape) != (num_kv_heads, head_dim):
