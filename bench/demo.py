@@ -241,6 +241,11 @@ def run(
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown demo methods {unknown}; choose from {list(METHODS)}")
+    if "loki" in names and model != "smollm2":
+        raise ValueError(
+            "the demo's loki uses the basis shipped for smollm2; for another model calibrate one "
+            "(sparse-attn calibrate loki) and run it with sparse-attn bench accuracy --loki-basis"
+        )
     chosen = {n: m for n, m in demo_methods(length).items() if n in names}
     env = harness.environment()
     lm, tokenizer = load_model(model)

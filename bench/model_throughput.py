@@ -53,7 +53,8 @@ def self_check(method: Any, num_heads: int, num_kv_heads: int, layers: int = 1) 
             dynamic = dynamic_of(methods)
             if dynamic is not None:
                 q1 = q[:, :, -1:]
-                chosen = sparse_attn.select(dynamic, q1, k).to_dense_mask(n)  # [1, Hs, n]
+                # the layer's own selection (Loki's basis, MagicPIG's centre are per layer)
+                chosen = sparse_attn.select(dynamic, q1, k, layer_idx=layer).to_dense_mask(n)  # [1, Hs, n]
                 mask = chosen.repeat_interleave(num_heads // chosen.shape[1], dim=1)[:, :, None]
                 ref, _ = reference_attention(q1.double(), k.double(), v.double(), mask)
                 out = sparse_attn.sparse_attention(q1, k, v, method, layer_idx=layer)
