@@ -199,8 +199,15 @@ def measure(
                     def record(before: dict = before, seen: list = seen) -> None:
                         seen.append(forward_density(before, sparse_attn.stats(model)))
 
+                    crossed = sparse_attn.stats(model)["dense_crossover"]
                     prefill, decode = _timed_runs(model, ids, decode_tokens, repeats, record, cache)
                     density = seen[0]
+                    # decode layer calls the patch's crossovers ran dense (dense_above, dense_below)
+                    after = sparse_attn.stats(model)
+                    layer_steps = len(after["layers"]) * decode_tokens * repeats
+                    row["decode_dense_crossover"] = round(
+                        (after["dense_crossover"] - crossed) / max(layer_steps, 1), 4
+                    )
             row.update(
                 status="ok",
                 prefill_s=round(prefill, 6),
@@ -221,16 +228,17 @@ def measure(
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of measure()'s rows."""
-    head = f"{'method':<12} {'length':>7} {'prefill s':>10} {'x dense':>8} {'decode ms/tok':>14} {'x dense':>8} {'density':>8}"
+    head = f"{'method':<12} {'length':>7} {'prefill s':>10} {'x dense':>8} {'decode ms/tok':>14} {'x dense':>8} {'density':>8} {'dec dense':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"{r['method']:<12} {r['length']:>7} {r.get('status', '?'):>10}")
             continue
         density = "-" if r.get("density") is None else f"{r['density']:.2f}"
+        crossed = "-" if r.get("decode_dense_crossover") is None else f"{r['decode_dense_crossover']:.2f}"
         lines.append(
             f"{r['method']:<12} {r['length']:>7} {r['prefill_s']:>10.3f} {r.get('prefill_speedup', 0):>8.2f} "
-            f"{r['decode_ms_per_token']:>14.1f} {r.get('decode_speedup', 0):>8.2f} {density:>8}"
+            f"{r['decode_ms_per_token']:>14.1f} {r.get('decode_speedup', 0):>8.2f} {density:>8} {crossed:>9}"
         )
     return "\n".join(lines)
 

@@ -297,7 +297,10 @@ class SparsePatch:
 
     def _crosses_over(self, kept: torch.Tensor, kv_lens: torch.Tensor) -> bool:
         """Whether a decode step keeping ``kept`` [B, H] of ``kv_lens`` [B] keys runs dense instead:
-        the batch's selected keys (its busiest head per row) above ``dense_above`` of its keys."""
+        every row shorter than ``dense_below``, or the batch's selected keys (its busiest head per
+        row) above ``dense_above`` of its keys."""
+        if self._short(kv_lens):
+            return True
         limit = self.config.dense_above
         if limit is None or self.strict:
             return False
@@ -305,10 +308,16 @@ class SparsePatch:
         return total > 0 and int(kept.amax(dim=1).sum()) > limit * total
 
     def _crosses_over_at(self, method: DynamicMethod, kv_lens: torch.Tensor) -> bool:
-        """``_crosses_over`` for a dynamic method's budget (not computed when no crossover is set)."""
+        """``_crosses_over`` for a dynamic method's budget (computed only when ``dense_above`` is set)."""
+        if self._short(kv_lens):
+            return True
         if self.config.dense_above is None or self.strict:
             return False
         return self._crosses_over(method.budget(kv_lens)[:, None], kv_lens)
+
+    def _short(self, kv_lens: torch.Tensor) -> bool:
+        below = self.config.dense_below
+        return bool(below) and not self.strict and int(kv_lens.max()) < below
 
     def _dense_crossover(self, state: LayerState, *args: Any) -> tuple[torch.Tensor, Any]:
         self.calls["dense_crossover"] += 1

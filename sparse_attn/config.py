@@ -47,7 +47,10 @@ class SparseAttentionConfig:
     more than this fraction of a row's keys (a static layout's keys, a dynamic method's budget) runs
     the model's dense attention instead. It is exact (dense attends a superset) and, at such a
     density, faster: a gather over half the keys costs about what dense attention over all of them
-    does. Counted per layer (``dense_crossover`` in ``stats``), never in strict mode, None: never.
+    does. ``dense_below`` is its length twin: a decode step whose rows all hold fewer keys runs dense
+    too, for the methods whose selection has a cost of its own (TopK's and Loki's scoring and top-k
+    cost more than dense attention over a short row; see ``presets``). Both are counted per layer
+    (``dense_crossover`` in ``stats``) and never apply in strict mode; None / 0: never.
     """
 
     default: Method | None = None
@@ -58,6 +61,7 @@ class SparseAttentionConfig:
     strict: bool = False
     num_layers: int | None = None
     dense_above: float | None = None
+    dense_below: int = 0
 
     def __post_init__(self) -> None:
         n = self.num_layers
@@ -94,6 +98,9 @@ class SparseAttentionConfig:
         d = self.dense_above
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0):
             raise ConfigError(f"dense_above must be a fraction in (0, 1] or None, got {d!r}")
+        n = self.dense_below
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"dense_below must be a non-negative int (keys), got {n!r}")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "dense_layers", dense)
@@ -143,6 +150,7 @@ class SparseAttentionConfig:
             "strict": self.strict,
             "num_layers": self.num_layers,
             "dense_above": self.dense_above,
+            "dense_below": self.dense_below,
         }
 
     @classmethod
@@ -162,6 +170,7 @@ class SparseAttentionConfig:
             "strict",
             "num_layers",
             "dense_above",
+            "dense_below",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -186,6 +195,7 @@ class SparseAttentionConfig:
             strict=data.get("strict", False),
             num_layers=data.get("num_layers"),
             dense_above=data.get("dense_above"),
+            dense_below=data.get("dense_below", 0),
         )
 
     def to_json(self, **kwargs: Any) -> str:

@@ -14,6 +14,10 @@ from .methods import S2, BlockSparse, Dense, DynamicMethod, Quest, SinkLocal, St
 # below ~40% of the keys at 2k; Quest's selection (~1.5-2 ms per layer) only below ~15%.
 STATIC_CROSSOVER = 0.4
 QUEST_CROSSOVER = 0.15
+# TopK scores every key before it attends its selection, so its decode step costs about what dense
+# attention does plus a top-k: on that CPU it breaks even near 8k keys and pays from ~16k (kernel
+# benchmark, "5% exact scores + top-k" decode rows); below, the preset runs dense (dense_below).
+TOPK_CROSSOVER_TOKENS = 16384
 
 PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
     # Every key through the sparse kernels: the dense-equivalent check of an integration.
@@ -26,9 +30,9 @@ PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
     "a_shape": lambda: SparseAttentionConfig(
         default=BlockSparse(sink_blocks=1, local_blocks=16), dense_above=STATIC_CROSSOVER
     ),
-    # Exact top-k at 5% of the keys (the accuracy ceiling of content-based selection; it scores every
-    # key, so no crossover would make it cheaper).
-    "topk": lambda: SparseAttentionConfig(default=TopK()),
+    # Exact top-k at 5% of the keys (the accuracy ceiling of content-based selection), dense on rows
+    # too short for its selection to pay.
+    "topk": lambda: SparseAttentionConfig(default=TopK(), dense_below=TOPK_CROSSOVER_TOKENS),
     # Quest: 16-key blocks, 1024-token budget, dense prefill.
     "quest": lambda: SparseAttentionConfig(default=Quest(), dense_above=QUEST_CROSSOVER),
 }

@@ -150,26 +150,14 @@ def topk_prefill_blocks(q, k, q_len, kv_len, b, scale, causal, density, tokens, 
 
 
 def loki_decode(q, k, basis, ranks, q_lens, kv_lens, scale, causal, density, tokens, sink, local):
-    """Loki: logits (q P_h)(k P_h)^T * scale with P_h the first ranks[h] columns of basis[h] [D, D],
-    then TopK's group mass, forced keys and budget."""
-    B, Hq = q.shape[0], q.shape[1]
+    """Loki: TopK's selection over the projected vectors q P_h and k P_h, P_h the first ranks[h]
+    columns of basis[h] [D, D] (zero columns past a head's rank add nothing to a dot product)."""
     Hkv = k.shape[1]
-    group = Hq // Hkv
-    out = []
-    for b in range(B):
-        kl, ql = int(kv_lens[b]), int(q_lens[b])
-        per_head = []
-        for h in range(Hkv):
-            p = basis[h][:, : ranks[h]].double()
-            projected = [k[b, h, j].double() @ p for j in range(kl)]
-            row_logits = []
-            for qv, pos in _group_rows(q, b, h, group, ql, kl, causal):
-                qp = qv @ p
-                row_logits.append(
-                    {j: float(qp @ projected[j]) * scale for j in range(kl) if (not causal or j <= pos)}
-                )
-            mass = _log_group_mass(row_logits)
-            forced = {j for j in range(kl) if j < sink or j >= kl - local}
-            per_head.append(_pick(mass, forced, budget(kl, density, tokens)))
-        out.append(per_head)
-    return out
+    group = q.shape[1] // Hkv
+    width = max(ranks)
+    p = basis.new_zeros(Hkv, basis.shape[1], width).double()
+    for h in range(Hkv):
+        p[h, :, : ranks[h]] = basis[h][:, : ranks[h]].double()
+    kp = k.double() @ p  # [B, Hkv, Skv, width]
+    qp = q.double() @ p.repeat_interleave(group, dim=0)  # [B, Hq, Sq, width]
+    return topk_decode(qp, kp, q_lens, kv_lens, scale, causal, density, tokens, sink, local)

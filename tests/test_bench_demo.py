@@ -12,7 +12,7 @@ import torch
 from hf_models import build
 
 import sparse_attn as sa
-from sparse_attn import SinkLocal
+from sparse_attn import SinkLocal, SparseAttentionConfig
 from sparse_attn.bench import demo, model_throughput
 from sparse_attn.methods.dynamic import mask_to_selection
 
@@ -129,6 +129,10 @@ def test_measure_rows_and_the_correctness_gate() -> None:
         "dense": None,
         "sink_local": SinkLocal(sink_tokens=4, window_tokens=60, block_size=16),
         "broken": _Misplanned(sink_tokens=4, window_tokens=256, block_size=16),
+        # decode steps over fewer than 150 keys cross over to dense: all at 96, none at 200
+        "short_dense": SparseAttentionConfig(
+            default=SinkLocal(sink_tokens=4, window_tokens=60, block_size=16), dense_below=150
+        ),
     }
     rows = model_throughput.measure(model, methods, [96, 200], decode_tokens=2)
     by = {(r["method"], r["length"]): r for r in rows}
@@ -143,6 +147,9 @@ def test_measure_rows_and_the_correctness_gate() -> None:
             by[("dense", n)]["prefill_s"] / sl["prefill_s"], rel=1e-2
         )
     assert by[("sink_local", 200)]["density"] < by[("sink_local", 96)]["density"] < 1.0
+    assert by[("sink_local", 96)]["decode_dense_crossover"] == 0.0
+    assert by[("short_dense", 96)]["decode_dense_crossover"] == 1.0
+    assert by[("short_dense", 200)]["decode_dense_crossover"] == 0.0
     table = model_throughput.format_rows(rows)
     assert "failed-correctness" in table and "sink_local" in table
 

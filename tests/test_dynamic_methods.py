@@ -47,6 +47,11 @@ def _lens(B, Sq, Skv, kv_lens):
     ids=["topk", "quest", "quest-static-prefill"],
 )
 def test_budget_covering_the_row_is_dense(B, Hq, Hkv, Sq, Skv, D, kv_lens, causal, method) -> None:
+    assert_equals_dense(method, B, Hq, Hkv, Sq, Skv, D, kv_lens, causal)
+
+
+def assert_equals_dense(method, B, Hq, Hkv, Sq, Skv, D, kv_lens, causal) -> None:
+    """The method's output and LSE equal float64 dense attention with the explicit mask."""
     q_lens, kvl = _lens(B, Sq, Skv, kv_lens)
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Skv, D, kv_lens=kv_lens, q_lens=q_lens)
     out, lse = sa.sparse_attention(
@@ -75,9 +80,7 @@ def test_topk_decode_selection_is_brute_force_topk(B, Hq, Hkv, Skv, D, kv_lens, 
     method = sa.TopK(sink_tokens=3, local_tokens=5, **budget)
     q, k, v = make_qkv(B, Hq, Hkv, 1, Skv, D, kv_lens=kv_lens, seed=3)
     sel = sa.select(method, q, k, kv_lens=list(kv_lens))
-    expected = bfd.topk_decode(
-        q, k, [1] * B, kv_lens, D**-0.5, True, method.density, method.tokens, 3, 5
-    )
+    expected = bfd.topk_decode(q, k, [1] * B, kv_lens, D**-0.5, True, method.density, method.tokens, 3, 5)
     _assert_selection(sel, expected)
     _assert_output_is_reference_over_selection(q, k, v, method, sel, kv_lens)
 
@@ -105,9 +108,7 @@ def test_quest_decode_selection_is_brute_force(B, Hq, Hkv, Skv, D, kv_lens, budg
     method = sa.Quest(sink_tokens=2, local_tokens=6, block_size=block, **budget)
     q, k, v = make_qkv(B, Hq, Hkv, 1, Skv, D, kv_lens=kv_lens, seed=4)
     sel = sa.select(method, q, k, kv_lens=list(kv_lens))
-    expected = bfd.quest_decode(
-        q, k, [1] * B, kv_lens, D**-0.5, method.density, method.tokens, 2, 6, block
-    )
+    expected = bfd.quest_decode(q, k, [1] * B, kv_lens, D**-0.5, method.density, method.tokens, 2, 6, block)
     _assert_selection(sel, expected)
     _assert_output_is_reference_over_selection(q, k, v, method, sel, kv_lens)
 
@@ -222,7 +223,7 @@ def test_quest_bound_is_at_least_the_true_block_max(n, d, block, seed) -> None:
     keys_p = torch.cat((keys, torch.randn(1, 1, padded - n, d, generator=g) * 100), dim=2)
     side = block_min_max(keys_p.double(), block, torch.tensor([[n]]))
     bounds = block_bounds(q.double(), side, 1.0)[0, 0]  # [2, nb]
-    true = (q[0, :, 0].double() @ keys[0, 0].double().T)  # [2, n]
+    true = q[0, :, 0].double() @ keys[0, 0].double().T  # [2, n]
     for blk in range(padded // block):
         j0, j1 = blk * block, min((blk + 1) * block, n)
         assert bool((bounds[:, blk] >= true[:, j0:j1].amax(-1) - 1e-12).all())

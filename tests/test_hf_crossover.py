@@ -1,7 +1,8 @@
-"""The decode crossover (``SparseAttentionConfig.dense_above``) of the Hugging Face patch.
+"""The decode crossovers (``SparseAttentionConfig.dense_above``, ``dense_below``) of the Hugging Face
+patch.
 
-A decode step whose plan keeps more than ``dense_above`` of the keys runs the model's own dense
-attention: its logits equal the unpatched model's, it is counted per layer, the layer reports density
+A decode step whose plan keeps more than ``dense_above`` of the keys, or whose rows hold fewer than
+``dense_below`` keys, runs the model's own dense attention: its logits equal the unpatched model's, it is counted per layer, the layer reports density
 1, and strict mode never crosses over. Once the context outgrows the crossover the method's own
 selection runs again (a dynamic method's side data, skipped while dense, is rebuilt).
 """
@@ -13,7 +14,7 @@ import torch
 from hf_models import DECODERS, build, inputs, positions
 
 import sparse_attn
-from sparse_attn import ConfigError, Quest, SinkLocal, SparseAttentionConfig
+from sparse_attn import ConfigError, Quest, SinkLocal, SparseAttentionConfig, TopK
 
 PROMPT = 20
 STEPS = 30  # the context grows from 21 to 50 keys over the steps
@@ -35,26 +36,36 @@ def _decode_logits(model, ids, mask) -> list[torch.Tensor]:
     return steps
 
 
-@pytest.mark.parametrize(
-    "method",
-    [SinkLocal(sink_tokens=2, window_tokens=14, block_size=8), Quest(tokens=16, sink_tokens=2, local_tokens=4, block_size=4)],
-    ids=["sink_local", "quest"],
-)
-def test_steps_above_the_crossover_run_dense_and_later_ones_sparse(method) -> None:
+METHODS = [
+    SinkLocal(sink_tokens=2, window_tokens=14, block_size=8),
+    Quest(tokens=16, sink_tokens=2, local_tokens=4, block_size=4),
+    TopK(tokens=16, sink_tokens=2, local_tokens=4),
+]
+# (config fields, whether the step over a context of n keys crosses over): 16 kept keys are more than
+# half of the keys up to a context of 31; dense_below=38 crosses over up to 37 keys
+RULES = {
+    "dense_above": ({"dense_above": 0.5}, lambda n: 16 > 0.5 * n),
+    "dense_below": ({"dense_below": 38}, lambda n: n < 38),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("method", METHODS, ids=["sink_local", "quest", "topk"])
+def test_steps_above_the_crossover_run_dense_and_later_ones_sparse(method, rule) -> None:
     # one layer: its keys do not depend on attention, so every run decodes over the same cache and
     # each step's logits depend only on that step's attention
+    fields, crosses = RULES[rule]
     model = build("llama", layers=1, dtype=torch.float64)
     ids, mask = inputs(DECODERS[0], 1, PROMPT + STEPS, [0])
     with torch.no_grad():
         dense = _decode_logits(model, ids, mask)
-        config = SparseAttentionConfig(default=method, dense_above=0.5)
+        config = SparseAttentionConfig(default=method, **fields)
         with sparse_attn.patch(model, config) as handle:
             got = _decode_logits(model, ids, mask)
             stats = handle.stats()
         with sparse_attn.patch(model, SparseAttentionConfig(default=method)):
             sparse = _decode_logits(model, ids, mask)
-    # 16 kept keys: more than half of the keys up to a context of 31, fewer from 33 on
-    crossed = [t for t in range(STEPS) if 16 > 0.5 * (PROMPT + 1 + t)]
+    crossed = [t for t in range(STEPS) if crosses(PROMPT + 1 + t)]
     assert crossed and len(crossed) < STEPS
     assert stats["dense_crossover"] == len(crossed)
     assert all(layer["dense_crossovers"] == len(crossed) for layer in stats["layers"].values())
@@ -81,11 +92,12 @@ def test_density_reports_the_dense_step_and_strict_never_crosses_over() -> None:
             stats = handle.stats()
         assert stats["dense_crossover"] == 2
         assert all(layer["density"] == 1.0 for layer in stats["layers"].values())
-        with sparse_attn.patch(model, SparseAttentionConfig(default=method, dense_above=0.5), strict=True) as h:
-            _decode_once(model, ids, mask)
-            stats = h.stats()
-        assert stats["dense_crossover"] == 0 and stats["sparse_calls"] == 4
-        assert all(layer["density"] < 1.0 for layer in stats["layers"].values())
+        for fields in ({"dense_above": 0.5}, {"dense_below": 10_000}):
+            with sparse_attn.patch(model, SparseAttentionConfig(default=method, **fields), strict=True) as h:
+                _decode_once(model, ids, mask)
+                stats = h.stats()
+            assert stats["dense_crossover"] == 0 and stats["sparse_calls"] == 4
+            assert all(layer["density"] < 1.0 for layer in stats["layers"].values())
 
 
 def _decode_once(model, ids, mask) -> None:
@@ -97,6 +109,18 @@ def _decode_once(model, ids, mask) -> None:
           use_cache=True)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_dense_below_not_a_count_is_a_config_error(bad) -> None:
+    with pytest.raises(ConfigError, match="dense_below"):
+        SparseAttentionConfig(default=TopK(), dense_below=bad)
+
+
+def test_topk_preset_crosses_over_below_its_measured_length() -> None:
+    from sparse_attn.presets import TOPK_CROSSOVER_TOKENS, resolve_config
+
+    assert resolve_config("topk").dense_below == TOPK_CROSSOVER_TOKENS > 0
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, True, "0.5"])
 def test_dense_above_out_of_range_is_a_config_error(bad) -> None:
     with pytest.raises(ConfigError, match="dense_above"):
@@ -104,6 +128,6 @@ def test_dense_above_out_of_range_is_a_config_error(bad) -> None:
 
 
 def test_dense_above_round_trips_through_json() -> None:
-    config = SparseAttentionConfig(default=SinkLocal(), dense_above=0.25)
+    config = SparseAttentionConfig(default=SinkLocal(), dense_above=0.25, dense_below=4096)
     assert SparseAttentionConfig.from_json(config.to_json()) == config
     assert SparseAttentionConfig.from_json(SparseAttentionConfig(default=SinkLocal()).to_json()).dense_above is None

@@ -18,8 +18,8 @@ from sparse_attn.methods import method_from_dict
 from sparse_attn.methods.loki import load_basis, loki_reference, ranks_for, resolve_basis
 from tests import bruteforce_dynamic as bfd
 from tests.hf_models import build
-from tests.oracle import causal_batch_mask, dense_attention, make_qkv, max_err, selection_mask_and_bias
-from tests.test_dynamic_methods import DECODE_CASES, DENSE_CASES, _lens
+from tests.oracle import dense_attention, make_qkv, max_err, selection_mask_and_bias
+from tests.test_dynamic_methods import DECODE_CASES, DENSE_CASES, assert_equals_dense
 
 FP32 = dict(atol=3e-5, rtol=1e-5)
 
@@ -42,16 +42,7 @@ def random_basis(path, num_kv_heads: int, head_dim: int, layers: int = 1, seed: 
 def test_budget_covering_the_row_is_dense(tmp_path, B, Hq, Hkv, Sq, Skv, D, kv_lens, causal, rank) -> None:
     basis = random_basis(tmp_path / "b", Hkv, D)
     method = sa.Loki(density=1.0, rank=D if rank == "D" else rank, basis=basis)
-    q_lens, kvl = _lens(B, Sq, Skv, kv_lens)
-    q, k, v = make_qkv(B, Hq, Hkv, Sq, Skv, D, kv_lens=kv_lens, q_lens=q_lens)
-    out, lse = sa.sparse_attention(
-        q, k, v, method, causal=causal, return_lse=True, q_lens=q_lens, kv_lens=kvl
-    )
-    mask = causal_batch_mask(q_lens, kvl, Sq, Skv, Hq, causal=causal)
-    ref, ref_lse = dense_attention(q, k, v, mask)
-    valid = mask.any(-1)
-    assert max_err(out, ref, valid[..., None].expand_as(ref)) < FP32["atol"]
-    assert max_err(lse, ref_lse, valid) < 1e-4
+    assert_equals_dense(method, B, Hq, Hkv, Sq, Skv, D, kv_lens, causal)
 
 
 BUDGETS = [dict(density=0.1), dict(tokens=40), dict(density=0.02)]

@@ -144,13 +144,15 @@ class SparseAttentionMetadataBuilder(AttentionMetadataBuilder[SparseAttentionMet
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = sparse_config(vllm_config)
         self.min_seq_len = 0 if config is None else config.min_seq_len
-        if config is not None and config.dense_above is not None:
+        if config is not None and (config.dense_above is not None or config.dense_below):
             # vLLM's dense rows of a step are chosen by length for every layer at once; the per-layer
             # crossover of the HF patch has no counterpart here yet
             logger.info(
-                "sparse_attn: dense_above=%s is applied by the Hugging Face patch only; the vLLM plugin "
-                "runs the configured methods at every density (min_seq_len still applies)",
+                "sparse_attn: dense_above=%s and dense_below=%s are applied by the Hugging Face patch "
+                "only; the vLLM plugin runs the configured methods at every density and length "
+                "(min_seq_len still applies)",
                 config.dense_above,
+                config.dense_below,
             )
 
     def build(
