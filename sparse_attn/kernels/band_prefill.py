@@ -30,8 +30,8 @@ from ..methods.base import tile_bounds
 CHUNK_BYTES = 8 * 2**20
 # The band kernel runs a layout only when the block kernel would compute at least this factor of its
 # key columns: a column costs more here (a row gather instead of a block gather, a second mask
-# slice). Measured on the project's 2-core CPU at 2 threads, SinkLocal at ~10%: 13% fewer columns
-# (16k tokens) ran 6% faster, 6% fewer (32k) ran 6% slower.
+# slice). SinkLocal at ~10% in the committed kernel runs: 13% fewer columns at 16k ran faster than
+# the block kernel, 6% fewer at 32k slower (bench/results/README.md, "band kernel").
 MIN_SAVING = 1.1
 
 
@@ -102,7 +102,7 @@ def band_plan(layout: BlockLayout, b: int, hq: int, hkv: int) -> BandPlan | None
         return None
     if len(units) > hkv:
         # query heads of one KV head with different spans (MoA) would run one unit per span: matmuls
-        # of a single head's tile rows, measured slower than the block kernel's GQA union of blocks
+        # of a single head's tile rows instead of the block kernel's one matmul over the GQA union
         return None
     return BandPlan(tuple(units), geo.q_start, geo.q_len, geo.kv_len, layout.block_q)
 

@@ -56,6 +56,7 @@ import torch
 
 from ..artifact import ModelShape, load_artifact, resolve_artifact, save_artifact
 from ..errors import ConfigError, PlanFileError, ShapeError
+from ..kernels.token_decode import key_rows
 from ..token_selection import TokenSelection
 from ..validation import check_nonnegative_int
 from .base import StaticMethod
@@ -68,7 +69,7 @@ MAX_BITS = 32  # K bits of a table are packed into one int16 (K <= 16) or int32
 U_FLOOR = 1e-4  # the paper's floor in -log(u + 1e-4): bounds the weight of a key sampled by luck
 # Elements of a temporary (projections, code comparisons) made at once; bounds them at ~32 MiB.
 CHUNK_ELEMENTS = 1 << 22
-# Codes compared with a query at once (8 MiB of int16); measured on CPU, smaller chunks cost more.
+# Codes compared with a query at once (8 MiB of int16): large enough that per-chunk op overhead is small.
 COUNT_CHUNK = 1 << 22
 
 _LOCK = threading.Lock()
@@ -260,7 +261,7 @@ class MagicPIG(DynamicMethod):
         if backend == "triton":
             from ..api import _triton
 
-            hits = _triton("simhash").collision_counts(codes_q, side[:, :, :n]).view(b, hq, n)
+            hits = _triton("simhash").collision_counts(codes_q, side).view(b, hq, n)
         else:
             hits = collision_counts(codes_q, side).view(b, hq, n)  # [B, Hq, N]
         forced = always_kept(kvl, n, self.sink_tokens, self.local_tokens, dev)  # [B, N]
@@ -276,7 +277,7 @@ class MagicPIG(DynamicMethod):
         """-log(u + 1e-4) for the sampled keys of the selection, 0 for the exact ones and empty slots:
         [B, Hq, k_max] float32. Reads the selected keys only."""
         b, hq, km = sel.indices.shape
-        hkv, skv, d = k.shape[1], k.shape[2], k.shape[3]
+        hkv, d = k.shape[1], k.shape[3]
         g = hq // hkv
         dev = q.device
         if km == 0:
@@ -284,9 +285,10 @@ class MagicPIG(DynamicMethod):
         used = sel.used()
         idx = sel.indices.masked_fill(~used, 0)
         is_sample = sampled.gather(-1, idx) & used  # [B, Hq, km]
+        k_rows, (rb, rh) = key_rows(k)  # no copy of a sliced cache
         head = torch.arange(hq, device=dev) // g
-        rows = ((torch.arange(b, device=dev)[:, None] * hkv + head[None, :]) * skv)[..., None] + idx
-        keys = k.reshape(-1, d).index_select(0, rows.flatten()).view(b, hq, km, d).to(torch.float64)
+        rows = (torch.arange(b, device=dev)[:, None] * rb + head[None, :] * rh)[..., None] + idx
+        keys = k_rows.index_select(0, rows.flatten()).view(b, hq, km, d).to(torch.float64)
         c = self.centre(hkv, d, dev)
         if c is not None:
             keys = keys - c.to(torch.float64).repeat_interleave(g, dim=0)[None, :, None, :]
@@ -349,10 +351,9 @@ def collision_counts(codes_q: torch.Tensor, codes_k: torch.Tensor) -> torch.Tens
     [B, Hkv, N, L] -> [B, Hkv, G, N] (uint8 for L <= 255, else int16). Vectorised over the batch,
     keys and tables; one KV head, one chunk of keys and one query head of the group at a time.
 
-    Why this shape of loop (measured on CPU, N = 8192, L = 150): summing the comparison's bytes as
-    uint8 costs about a third of a sum into int16/int64 (the reduction vectorises in bytes), and
-    comparing one query head at a time avoids a [G, N, L] temporary; int16 codes (K <= 16) halve
-    the bytes read."""
+    Why this shape of loop: the comparison's bytes are summed as uint8 (the reduction vectorises in
+    bytes, where a sum into int16/int64 widens first), comparing one query head at a time avoids a
+    [G, N, L] temporary, and int16 codes (K <= 16) halve the bytes read."""
     b, hkv, g, n_tables = codes_q.shape
     n = codes_k.shape[2]
     acc = torch.uint8 if n_tables <= 255 else torch.int16
