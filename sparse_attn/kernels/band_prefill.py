@@ -31,7 +31,7 @@ CHUNK_BYTES = 8 * 2**20
 # The band kernel runs a layout only when the block kernel would compute at least this factor of its
 # key columns: a column costs more here (a row gather instead of a block gather, a second mask
 # slice). SinkLocal at ~10% in the committed kernel runs: 13% fewer columns at 16k ran faster than
-# the block kernel, 6% fewer at 32k slower (bench/results/README.md, "band kernel").
+# the block kernel, 6% fewer at 32k slower (bench/results/README.md, "Band kernel vs block kernel").
 MIN_SAVING = 1.1
 
 
