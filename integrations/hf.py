@@ -145,6 +145,12 @@ class SparsePatch:
         self._plans: OrderedDict[tuple[Any, ...], BlockLayout] = OrderedDict()
         self._masks: OrderedDict[tuple[Any, ...], tuple[Any, Any, RowSpans | str]] = OrderedDict()
         self._backends: dict[tuple[torch.device, torch.dtype], str] = {}
+        # the config is frozen: each layer's methods are resolved (and checked) once per patch
+        self._layer_methods: dict[tuple[int, int], list[Any]] = {}
+        self._original_fn: Callable[..., Any] | None = None
+        # crossover decisions depend only on the method (or plan) and the rows' lengths: made once per
+        # forward, not once per layer
+        self._crossings: OrderedDict[tuple[Any, ...], bool] = OrderedDict()
 
     # context manager --------------------------------------------------------------------------------
     def __enter__(self) -> SparsePatch:
@@ -190,13 +196,16 @@ class SparsePatch:
         layer_idx = self._layer_of(module)
         state = self.layers.setdefault(layer_idx, LayerState())
         state.calls += 1
-        methods = self.config.methods_for_layer(layer_idx, query.shape[1])
-        if all(m is None for m in methods):
+        methods = self._methods(layer_idx, query.shape[1])
+        if methods is None:
             self.calls["dense"] += 1
             return self._original(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         reason = _unsupported(dropout, kwargs)
         if reason is not None:
             return self._fallback(reason, module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        if query.shape[2] == 1 and self._short(key.shape[2]):
+            # no row holds more keys than the cache is long: cross over before reading the mask
+            return self._dense_crossover(state, module, query, key, value, attention_mask, dropout, scaling, kwargs)
         is_causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
@@ -225,7 +234,7 @@ class SparsePatch:
             return self._fallback(
                 "sink_outside_window", module, query, key, value, attention_mask, dropout, scaling, kwargs
             )
-        if query.shape[2] == 1 and self._crosses_over(layout.decode_selection().counts, spans.kv_lens):
+        if query.shape[2] == 1 and self._layout_crosses_over(layout, methods, spans, key.shape[1], causal):
             return self._dense_crossover(state, module, query, key, value, attention_mask, dropout, scaling, kwargs)
         q, k, v = spans.to_right_padded(query, key, value)
         # the layout was planned (and validated) for these spans: no second check per layer
@@ -251,7 +260,7 @@ class SparsePatch:
         own attention (dense by design, counted as ``prefill_by_design``, not as a fallback)."""
         _, query, key, value, _, _, scaling, _ = args
         decode = query.shape[2] == 1
-        if decode and self._crosses_over_at(method, spans.kv_lens):
+        if decode and self._crosses_over_at(method, spans):
             # the side data is left as it is: the first sparse step finds it stale and rebuilds it
             return self._dense_crossover(state, *args)
         sc = check_scale(scaling, query.shape[-1])
@@ -295,29 +304,60 @@ class SparsePatch:
             chosen = self._backends[key] = select_backend("auto", query.device, query.dtype)
         return chosen
 
-    def _crosses_over(self, kept: torch.Tensor, kv_lens: torch.Tensor) -> bool:
-        """Whether a decode step keeping ``kept`` [B, H] of ``kv_lens`` [B] keys runs dense instead:
-        every row shorter than ``dense_below``, or the batch's selected keys (its busiest head per
-        row) above ``dense_above`` of its keys."""
-        if self._short(kv_lens):
+    def _methods(self, layer_idx: int, num_heads: int) -> list[Any] | None:
+        """The layer's method per query head, or None when the config keeps every head dense."""
+        key = (layer_idx, num_heads)
+        if key not in self._layer_methods:
+            methods = self.config.methods_for_layer(layer_idx, num_heads)
+            self._layer_methods[key] = methods
+        methods = self._layer_methods[key]
+        return None if all(m is None for m in methods) else methods
+
+    def _crosses_over(self, kept: torch.Tensor, spans: RowSpans) -> bool:
+        """Whether a decode step keeping ``kept`` [B, H] of the rows' keys runs dense instead: every
+        row shorter than ``dense_below``, or the batch's selected keys (its busiest head per row) above
+        ``dense_above`` of its keys."""
+        if self._short(spans.max_kv_len):
             return True
         limit = self.config.dense_above
         if limit is None or self.strict:
             return False
-        total = int(kv_lens.sum())
+        total = sum(spans.lengths_key[1])
         return total > 0 and int(kept.amax(dim=1).sum()) > limit * total
 
-    def _crosses_over_at(self, method: DynamicMethod, kv_lens: torch.Tensor) -> bool:
+    def _layout_crosses_over(
+        self, layout: BlockLayout, methods: list[Any], spans: RowSpans, num_kv_heads: int, causal: bool
+    ) -> bool:
+        """``_crosses_over`` for a planned layout's decode selection (the plan is shared by the layers
+        that plan alike, and so is the decision)."""
+        return self._remember(
+            ("layout", tuple(methods), num_kv_heads, causal, spans.lengths_key),
+            lambda: self._crosses_over(layout.decode_selection().counts, spans),
+        )
+
+    def _crosses_over_at(self, method: DynamicMethod, spans: RowSpans) -> bool:
         """``_crosses_over`` for a dynamic method's budget (computed only when ``dense_above`` is set)."""
-        if self._short(kv_lens):
+        if self._short(spans.max_kv_len):
             return True
         if self.config.dense_above is None or self.strict:
             return False
-        return self._crosses_over(method.budget(kv_lens)[:, None], kv_lens)
+        return self._remember(
+            ("budget", method, spans.lengths_key),
+            lambda: self._crosses_over(method.budget(spans.kv_lens)[:, None], spans),
+        )
 
-    def _short(self, kv_lens: torch.Tensor) -> bool:
+    def _remember(self, key: tuple[Any, ...], decide: Callable[[], bool]) -> bool:
+        hit = self._crossings.get(key)
+        if hit is None:
+            hit = self._crossings[key] = decide()
+            while len(self._crossings) > PLAN_CACHE_SIZE:
+                self._crossings.popitem(last=False)
+        return hit
+
+    def _short(self, max_kv_len: int) -> bool:
+        """Whether rows of at most ``max_kv_len`` keys are below ``dense_below`` (never in strict mode)."""
         below = self.config.dense_below
-        return bool(below) and not self.strict and int(kv_lens.max()) < below
+        return bool(below) and not self.strict and max_kv_len < below
 
     def _dense_crossover(self, state: LayerState, *args: Any) -> tuple[torch.Tensor, Any]:
         self.calls["dense_crossover"] += 1
@@ -397,9 +437,14 @@ class SparsePatch:
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, Any]:
         """The model's own attention (the implementation it had before patching)."""
-        fn, mask = _original_function(
-            self.original_implementation, module, mask, query.dtype, query.shape[2], key.shape[2]
-        )
+        fn = self._original_fn
+        if fn is None:
+            fn, mask = _original_function(
+                self.original_implementation, module, mask, query.dtype, query.shape[2], key.shape[2]
+            )
+            if _is_registered(self.original_implementation):
+                # a registered implementation takes the mask as it is: look it up once per patch
+                self._original_fn = fn
         return fn(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -413,7 +458,7 @@ def _original_function(
 ) -> tuple[Callable[..., Any], torch.Tensor | None]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if implementation in ALL_ATTENTION_FUNCTIONS and implementation != ATTN_IMPLEMENTATION:
+    if _is_registered(implementation):
         return ALL_ATTENTION_FUNCTIONS[implementation], mask
     # "eager" lives in the model's own module and adds the mask to the scores: it needs the additive
     # form of the boolean mask that sdpa_mask built for us, and an explicit causal mask where
@@ -430,6 +475,14 @@ def _original_function(
             ~mask, torch.finfo(dtype).min
         )
     return eager, mask
+
+
+def _is_registered(implementation: str) -> bool:
+    """Whether ``implementation`` is one of transformers' registered attention functions (not eager,
+    which lives in each model's module, and not ours)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return implementation in ALL_ATTENTION_FUNCTIONS and implementation != ATTN_IMPLEMENTATION
 
 
 def _unsupported(dropout: float, kwargs: dict[str, Any]) -> str | None:

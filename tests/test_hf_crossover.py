@@ -41,22 +41,24 @@ METHODS = [
     Quest(tokens=16, sink_tokens=2, local_tokens=4, block_size=4),
     TopK(tokens=16, sink_tokens=2, local_tokens=4),
 ]
-# (config fields, whether the step over a context of n keys crosses over): 16 kept keys are more than
-# half of the keys up to a context of 31; dense_below=38 crosses over up to 37 keys
+# (config fields, whether the step over rows of these key counts crosses over): the 16 kept keys of
+# every row are more than half of the batch's keys, or every row holds fewer than 38 keys
 RULES = {
-    "dense_above": ({"dense_above": 0.5}, lambda n: 16 > 0.5 * n),
-    "dense_below": ({"dense_below": 38}, lambda n: n < 38),
+    "dense_above": ({"dense_above": 0.5}, lambda rows: sum(min(16, n) for n in rows) > 0.5 * sum(rows)),
+    "dense_below": ({"dense_below": 38}, lambda rows: max(rows) < 38),
 }
 
 
+@pytest.mark.parametrize("pads", [[0], [3, 6]], ids=["b1", "b2-left-padded"])
 @pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("method", METHODS, ids=["sink_local", "quest", "topk"])
-def test_steps_above_the_crossover_run_dense_and_later_ones_sparse(method, rule) -> None:
+def test_steps_above_the_crossover_run_dense_and_later_ones_sparse(method, rule, pads) -> None:
     # one layer: its keys do not depend on attention, so every run decodes over the same cache and
-    # each step's logits depend only on that step's attention
+    # each step's logits depend only on that step's attention. With every row padded the cache is
+    # longer than any row: the rows' lengths decide, not the cache's.
     fields, crosses = RULES[rule]
     model = build("llama", layers=1, dtype=torch.float64)
-    ids, mask = inputs(DECODERS[0], 1, PROMPT + STEPS, [0])
+    ids, mask = inputs(DECODERS[0], len(pads), PROMPT + STEPS, pads)
     with torch.no_grad():
         dense = _decode_logits(model, ids, mask)
         config = SparseAttentionConfig(default=method, **fields)
@@ -65,16 +67,35 @@ def test_steps_above_the_crossover_run_dense_and_later_ones_sparse(method, rule)
             stats = handle.stats()
         with sparse_attn.patch(model, SparseAttentionConfig(default=method)):
             sparse = _decode_logits(model, ids, mask)
-    crossed = [t for t in range(STEPS) if crosses(PROMPT + 1 + t)]
+    crossed = [t for t in range(STEPS) if crosses([PROMPT + 1 + t - p for p in pads])]
     assert crossed and len(crossed) < STEPS
     assert stats["dense_crossover"] == len(crossed)
     assert all(layer["dense_crossovers"] == len(crossed) for layer in stats["layers"].values())
     assert stats["fallbacks"] == {}
+    if rule == "dense_below" and len(pads) > 1:
+        assert any(PROMPT + 1 + t >= 38 for t in crossed)  # the cache was long enough, the rows were not
     for t in range(STEPS):
         expected = dense[t] if t in crossed else sparse[t]
         torch.testing.assert_close(got[t], expected, atol=1e-9, rtol=1e-9)
     # the method really differs from dense over the steps that did not cross over
     assert max(float((dense[t] - sparse[t]).abs().max()) for t in range(len(crossed), STEPS)) > 1e-6
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_every_layer_of_a_step_makes_the_same_decision_as_the_context_grows(rule) -> None:
+    # the decision is made once per forward and shared by the layers: each layer counts exactly the
+    # steps the rule says, and the later steps run sparse again on every layer
+    fields, crosses = RULES[rule]
+    model = build("llama", layers=3)
+    ids, mask = inputs(DECODERS[0], 2, PROMPT + STEPS, [0, 4])
+    with torch.no_grad(), sparse_attn.patch(model, SparseAttentionConfig(default=METHODS[2], **fields)) as handle:
+        _decode_logits(model, ids, mask)
+        stats = handle.stats()
+    crossed = sum(crosses([PROMPT + 1 + t, PROMPT + 1 + t - 4]) for t in range(STEPS))
+    assert 0 < crossed < STEPS
+    assert stats["dense_crossover"] == 3 * crossed
+    assert [layer["dense_crossovers"] for layer in stats["layers"].values()] == [crossed] * 3
+    assert [layer["sparse_calls"] for layer in stats["layers"].values()] == [STEPS - crossed + 1] * 3
 
 
 def test_density_reports_the_dense_step_and_strict_never_crosses_over() -> None:
