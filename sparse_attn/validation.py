@@ -91,6 +91,11 @@ def resolve_lengths(
     shape: AttnShape, q_lens: object, kv_lens: object, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (q_lens, kv_lens); q_lens defaults to min(Sq, kv_lens) (bottom-right aligned rows)."""
+    if q_lens is None and kv_lens is None:
+        # full rows (the common decode call): min(Sq, Skv) queries each, nothing to check
+        b = shape.batch
+        kvl = torch.full((b,), shape.kv_len, dtype=torch.int64)
+        return torch.full((b,), min(shape.q_len, shape.kv_len), dtype=torch.int64), kvl
     kvl = as_lengths(kv_lens, "kv_lens", shape.batch, shape.kv_len, shape.kv_len)
     if q_lens is None:
         ql = torch.clamp(kvl, max=shape.q_len)

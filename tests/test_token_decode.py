@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
+from sparse_attn.kernels.token_decode import SDPA_MAX_KEYS
 
 try:
     from tests.oracle import (
@@ -279,18 +280,19 @@ def test_merge_formula():
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("k_max", [17, SDPA_MAX_KEYS + 3], ids=["sdpa", "matmul"])
 @pytest.mark.parametrize("hq, hkv, d", [(6, 2, 64), (9, 3, 96), (4, 4, 128)])
 @pytest.mark.parametrize("sel_heads", ["kv", "one"])
-def test_full_selection_without_lse_matches_oracle_and_reuses_its_rows(hq, hkv, d, sel_heads):
-    """Every slot used, one query, no weights, no lse: the fused path (a static layout's decode). The
-    same selection over a second layer's cache, then over a longer cache, must not reuse stale rows."""
-    kv_lens = (63, 40)
+def test_full_selection_without_lse_matches_oracle_and_reuses_its_rows(hq, hkv, d, sel_heads, k_max):
+    """Every slot used, one query, no weights, no lse: the fused path (a static layout's decode; SDPA
+    up to SDPA_MAX_KEYS selected keys, matmuls above). The same selection over a second layer's cache,
+    then over a longer cache, must not reuse stale rows."""
+    kv_lens = (k_max + 46, k_max + 23)
     g = torch.Generator().manual_seed(hq * d)
     heads = hkv if sel_heads == "kv" else 1
-    k_max = 17
     idx = torch.stack([torch.randperm(kv_lens[b], generator=g)[:k_max].sort().values for b in range(2) for _ in range(heads)])
     sel = sa.TokenSelection(indices=idx.view(2, heads, k_max), counts=torch.full((2, heads), k_max))
-    for layer, skv in enumerate((63, 63, 70)):
+    for layer, skv in enumerate((kv_lens[0], kv_lens[0], kv_lens[0] + 7)):
         q, k, v = make_qkv(2, hq, hkv, 1, skv, d, seed=layer, kv_lens=kv_lens)
         (ref, _), _ = _oracle(q, k, v, sel, causal=True, kv_lens=kv_lens)
         out = sa.token_sparse_attention(q, k, v, sel, kv_lens=list(kv_lens))

@@ -6,6 +6,7 @@ paged cache, so a decode step touches O(selected) keys, never the whole context.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,9 @@ from .common import accum_dtype, head_units, softmax_av
 
 # (key positions [B, U, km] (valid everywhere), KV head of each unit [U]) -> (k_sel, v_sel) [B, U, km, D]
 Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Above this many selected keys per head a decode step's matmul / softmax / matmul beats CPU SDPA,
+# whose one-query flash kernel scales worse (bench/results/README.md, "token decode: SDPA or matmul")
+SDPA_MAX_KEYS = 1024
 
 
 def token_sparse_attention_torch(
@@ -116,6 +120,15 @@ def per_kv_head(selection: TokenSelection, num_kv_heads: int) -> TokenSelection:
     return cached
 
 
+@functools.lru_cache(maxsize=32)
+def _kv_heads(num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """arange(num_kv_heads) on ``device``, made once: the gather of a step whose flat rows are cached
+    never reads it, and building it per layer call costs as much as a small op. A normal tensor even
+    when first asked for under inference mode, so that later autograd calls may use it."""
+    with torch.inference_mode(False):
+        return torch.arange(num_kv_heads, device=device)
+
+
 def _grouped_decode(
     q: torch.Tensor,  # [B, Hq, Sq, D]
     hkv: int,
@@ -141,13 +154,13 @@ def _grouped_decode(
     # every slot used (static patterns' decode, most rows): no slot mask at all
     unused = None if lo == km else torch.arange(km, device=dev) >= counts[..., None]  # [B, Hkv, km]
     one_query = all(n == sq for n in q_lens.tolist()) and (not causal or sq == 1)
-    if unused is None and one_query and selection.log_weights is None and not need_lse:
+    if unused is None and one_query and selection.log_weights is None and not need_lse and km <= SDPA_MAX_KEYS:
         # plain attention over the gathered keys: SDPA's fused kernel (GQA without repeating K/V)
         # costs less than the matmul / softmax / matmul chain on a few hundred keys
-        k_sel, v_sel = gather(idx, torch.arange(hkv, device=dev))  # [B, Hkv, km, D]
+        k_sel, v_sel = gather(idx, _kv_heads(hkv, dev))  # [B, Hkv, km, D]
         out = F.scaled_dot_product_attention(q, k_sel, v_sel, scale=scale, enable_gqa=hq != hkv)
         return out, None
-    k_sel, v_sel = gather(idx if unused is None else idx.masked_fill(unused, 0), torch.arange(hkv, device=dev))
+    k_sel, v_sel = gather(idx if unused is None else idx.masked_fill(unused, 0), _kv_heads(hkv, dev))
     k_sel, v_sel = k_sel.to(acc), v_sel.to(acc)  # [B, Hkv, km, D], [B, Hkv, km, Dv]
     q_sel = q.reshape(b, hkv, (hq // hkv) * sq, d).to(acc) * scale  # [B, Hkv, G*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, Hkv, G*Sq, km]
