@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ class Artifact:
     model: ModelShape
     meta: dict[str, Any]
     path: Path
+    # what a method derives from the tensors once per loaded file (e.g. a layer's slice on a device)
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
 
 def resolve_artifact(name_or_path: str | Path, shipped: Mapping[str, str]) -> Path:
@@ -78,6 +81,38 @@ def resolve_artifact(name_or_path: str | Path, shipped: Mapping[str, str]) -> Pa
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     return path.resolve()
+
+
+_LOADED: dict[tuple[str, str], tuple[int, Artifact]] = {}  # (kind, path) -> (mtime, artifact)
+_LOADED_LOCK = threading.Lock()
+
+
+def load_cached(
+    name_or_path: str | Path,
+    shipped: Mapping[str, str],
+    kind: str,
+    check: Callable[[Artifact], None] | None = None,
+) -> Artifact:
+    """The ``kind`` artifact named by ``name_or_path`` (``resolve_artifact``), read once per file
+    version (path and modification time) and shared by every method instance that names it; ``check``
+    (the method's test of its tensors) runs once per read. PlanFileError naming the path when the file
+    is missing or malformed. Callers check the model with ``check_model(art.model, ...)``."""
+    path = resolve_artifact(name_or_path, shipped)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise PlanFileError(f"{kind} artifact file not found: {path}") from exc
+    key = (kind, str(path))
+    with _LOADED_LOCK:
+        hit = _LOADED.get(key)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    art = load_artifact(path, kind)
+    if check is not None:
+        check(art)
+    with _LOADED_LOCK:
+        _LOADED[key] = (mtime, art)  # replaces an older version of the same file
+    return art
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:

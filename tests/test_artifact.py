@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from sparse_attn.artifact import ModelShape, load_artifact, save_artifact
+from sparse_attn.artifact import ModelShape, load_artifact, load_cached, save_artifact
 from sparse_attn.errors import ConfigError, PlanFileError
 
 SHAPE = ModelShape("llama", 3, 6, 2, 16)
@@ -71,3 +72,33 @@ def test_model_shape_from_hf_config():
         hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2
     )
     assert ModelShape.from_hf_config(cfg) == ModelShape("llama", 3, 6, 2, 16)
+
+
+def test_load_cached_reads_a_file_once_per_version_and_checks_each_read(tmp_path):
+    checked = []
+    st = save_artifact(tmp_path / "a", "loki", _tensors(), SHAPE, "cmd")
+    first = load_cached(str(tmp_path / "a"), {}, "loki", checked.append)
+    assert load_cached(st, {}, "loki", checked.append) is first  # same file, either spelling
+    assert checked == [first]
+    # a newer version of the file (a re-run calibration) is read again
+    tensors = {name: t + 1 for name, t in _tensors().items()}
+    save_artifact(tmp_path / "a", "loki", tensors, SHAPE, "cmd")
+    later = st.stat().st_mtime_ns + 10**9
+    os.utime(st, ns=(later, later))
+    second = load_cached(st, {}, "loki", checked.append)
+    assert second is not first and checked == [first, second]
+    assert torch.equal(second.tensors["basis"], tensors["basis"])
+    # a shipped name resolves inside the package; a missing file names its path
+    shipped = load_cached("smollm2", {"smollm2": "loki_smollm2"}, "loki")
+    assert shipped.path.parent.name == "data" and shipped.model.num_layers == 30
+    missing = tmp_path / "gone"
+    with pytest.raises(PlanFileError, match=str(missing)):
+        load_cached(missing, {}, "loki")
+    # a check that refuses the tensors raises, and nothing is cached
+    def refuse(art):
+        raise PlanFileError(f"{art.path}: no")
+
+    other = save_artifact(tmp_path / "b", "loki", _tensors(), SHAPE, "cmd")
+    for _ in range(2):
+        with pytest.raises(PlanFileError, match="no"):
+            load_cached(other, {}, "loki", refuse)

@@ -258,8 +258,10 @@ def test_centres_artifact_checked_against_the_model_and_read_once(tmp_path, monk
         method.check_model(other)
     assert model.describe() in str(err.value) and other.describe() in str(err.value)
     reads = []
-    real = mp.load_artifact
-    monkeypatch.setattr(mp, "load_artifact", lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    import sparse_attn.artifact as artifact
+
+    real = artifact.load_artifact
+    monkeypatch.setattr(artifact, "load_artifact", lambda *a, **kw: reads.append(a) or real(*a, **kw))
     bound = method.for_layer(2)
     assert bound.layer == 2 and method.for_layer(2) is bound
     for _ in range(3):
@@ -461,3 +463,21 @@ def test_a_sliced_cache_gives_the_same_selection_and_weights() -> None:
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
     assert torch.equal(got.log_weights, want.log_weights)
     assert bool((want.log_weights > 0).any())  # some keys were sampled and weighted
+
+
+def test_accuracy_benchmark_takes_magicpig_by_name_with_its_shipped_centres() -> None:
+    from sparse_attn import cli
+    from sparse_attn.bench import accuracy
+
+    args = cli.build_parser().parse_args(["bench", "accuracy", "--methods", "dense,magicpig,topk"])
+    methods = cli._methods_arg(
+        args.methods, dynamic=True, loki_basis=args.loki_basis, magicpig_centres=args.magicpig_centres
+    )
+    assert methods == {"dense": None, "magicpig": sa.MagicPIG(centres="smollm2"), "topk": sa.TopK()}
+    args = cli.build_parser().parse_args(["bench", "accuracy", "--methods", "magicpig", "--magicpig-centres", "none"])
+    assert cli._methods_arg(args.methods, dynamic=True, magicpig_centres=args.magicpig_centres) == {
+        "magicpig": sa.MagicPIG()
+    }
+    # MagicPIG samples rather than keeps a budget: a density sweep runs it once, next to the others
+    out = accuracy.expand_densities(methods, [0.05, 0.1])
+    assert list(out) == ["dense", "magicpig", "topk@0.05", "topk@0.1"]

@@ -23,14 +23,13 @@ time; ``for_layer`` binds a layer's projection, so a layer call never reads a fi
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..artifact import Artifact, ModelShape, check_model, load_artifact, resolve_artifact
+from ..artifact import Artifact, ModelShape, check_model, load_cached, resolve_artifact
 from ..errors import ConfigError, PlanFileError, ShapeError
 from ..token_selection import TokenSelection
 from .base import StaticMethod
@@ -46,10 +45,6 @@ DEFAULT_VARIANCE = 0.9
 # Bases shipped in the package, by name (sparse_attn/data/<file>.{safetensors,json}).
 SHIPPED_BASES = {"smollm2": "loki_smollm2"}
 
-_CACHE: dict[tuple[str, int], Artifact] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def resolve_basis(basis: str | Path) -> Path:
     """The artifact path of ``basis``: a shipped name (``"smollm2"``) or a path (with or without the
     .safetensors suffix), resolved."""
@@ -57,25 +52,9 @@ def resolve_basis(basis: str | Path) -> Path:
 
 
 def load_basis(basis: str | Path) -> Artifact:
-    """The Loki artifact at ``basis``, read once per (resolved path, modification time).
+    """The Loki artifact at ``basis``, read once per file version (``artifact.load_cached``).
     PlanFileError naming the path when it is missing or malformed."""
-    path = resolve_basis(basis)
-    try:
-        mtime = path.stat().st_mtime_ns
-    except OSError as exc:
-        raise PlanFileError(f"loki basis file not found: {path}") from exc
-    key = (str(path), mtime)
-    with _CACHE_LOCK:
-        art = _CACHE.get(key)
-    if art is not None:
-        return art
-    art = load_artifact(path, ARTIFACT_KIND)
-    _check_tensors(art)
-    with _CACHE_LOCK:
-        for stale in [k for k in _CACHE if k[0] == key[0]]:  # an older version of the same file
-            del _CACHE[stale]
-        _CACHE[key] = art
-    return art
+    return load_cached(basis, SHIPPED_BASES, ARTIFACT_KIND, _check_tensors)
 
 
 def _check_tensors(art: Artifact) -> None:

@@ -54,7 +54,7 @@ from typing import ClassVar
 
 import torch
 
-from ..artifact import ModelShape, load_artifact, resolve_artifact, save_artifact
+from ..artifact import Artifact, ModelShape, check_model, load_cached, resolve_artifact, save_artifact
 from ..errors import ConfigError, PlanFileError, ShapeError
 from ..kernels.token_decode import key_rows
 from ..token_selection import TokenSelection
@@ -74,9 +74,6 @@ COUNT_CHUNK = 1 << 22
 
 _LOCK = threading.Lock()
 _PROJECTIONS: dict[tuple[int, int, int, int, torch.device], torch.Tensor] = {}
-_ARTIFACTS: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
-_CENTRES: dict[tuple[str, float, int, torch.device], torch.Tensor] = {}
-_CHECKED: set[tuple[tuple[str, float], ModelShape]] = set()  # (artifact, model) pairs already checked
 
 
 @dataclass(frozen=True)
@@ -400,42 +397,27 @@ def resolve_centres(centres: str | Path) -> Path:
     return resolve_artifact(centres, SHIPPED_CENTRES)
 
 
-def _artifact_key(path: str) -> tuple[str, float]:
-    st = resolve_centres(path)
-    try:
-        mtime = st.stat().st_mtime
-    except OSError:
-        mtime = -1.0
-    return str(st), mtime
-
-
 def _load_centres(path: str, expect: ModelShape | None) -> dict[str, torch.Tensor]:
     """The artifact's tensors, read once per file version (checked against ``expect`` when given)."""
-    key = _artifact_key(path)
-    tensors = _ARTIFACTS.get(key)
-    if tensors is None or (expect is not None and (key, expect) not in _CHECKED):
-        art = load_artifact(key[0], ARTIFACT_KIND, expect=expect)
-        tensors = art.tensors
-        if "centres" not in tensors or tensors["centres"].dim() != 3:
-            raise PlanFileError(f"{art.path} holds no centres [layers, KV heads, head_dim] tensor")
-        with _LOCK:
-            _ARTIFACTS[key] = tensors
-            if expect is not None:
-                _CHECKED.add((key, expect))
-    return tensors
+    art = load_cached(path, SHIPPED_CENTRES, ARTIFACT_KIND, _check_centres)
+    if expect is not None:
+        check_model(art.model, expect, art.path.with_suffix(".json"))
+    return art.tensors
+
+
+def _check_centres(art: Artifact) -> None:
+    if "centres" not in art.tensors or art.tensors["centres"].dim() != 3:
+        raise PlanFileError(f"{art.path} holds no centres [layers, KV heads, head_dim] tensor")
 
 
 def _layer_centre(path: str, layer: int, device: torch.device) -> torch.Tensor:
-    akey = _artifact_key(path)
-    key = (*akey, layer, device)
-    c = _CENTRES.get(key)
+    art = load_cached(path, SHIPPED_CENTRES, ARTIFACT_KIND, _check_centres)
+    c = art.derived.get(("centre", layer, device))
     if c is None:
-        centres = _load_centres(path, None)["centres"]
+        centres = art.tensors["centres"]
         if layer >= centres.shape[0]:
             raise ConfigError(f"{path} holds centres of {centres.shape[0]} layers, asked for layer {layer}")
-        c = centres[layer].to(device, torch.float32).contiguous()
-        with _LOCK:
-            _CENTRES[key] = c
+        c = art.derived[("centre", layer, device)] = centres[layer].to(device, torch.float32).contiguous()
     return c
 
 
