@@ -214,13 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="dense,sink_local,s2,a_shape",
         help="comma-separated presets (dense, sink_local, s2, a_shape), dynamic methods at their "
-        "defaults (topk, quest, loki) or config .json paths",
+        "defaults (topk, quest, loki, magicpig) or config .json paths",
     )
     ap.add_argument(
         "--loki-basis",
         default="smollm2",
         metavar="smollm2|PATH",
         help="calibration artifact of --methods loki (default: the basis shipped for smollm2)",
+    )
+    ap.add_argument(
+        "--magicpig-centres",
+        default="smollm2",
+        metavar="smollm2|PATH|none",
+        help="key centres of --methods magicpig (default: those shipped for smollm2; none: uncentred)",
     )
     ap.add_argument("--lengths", type=_length_list, default=[1024, 2048], metavar="1k,2k,4k,8k")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
@@ -429,10 +435,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _methods_arg(text: str, dynamic: bool = False, loki_basis: str = "smollm2") -> dict[str, object]:
+def _methods_arg(
+    text: str, dynamic: bool = False, loki_basis: str = "smollm2", magicpig_centres: str | None = "smollm2"
+) -> dict[str, object]:
     """{name: config} for comma-separated presets and config paths; with ``dynamic``, also the
-    dynamic methods by name (``topk``, ``quest``, ``loki`` with ``loki_basis``) at their default
-    settings."""
+    dynamic methods by name (``topk``, ``quest``, ``loki`` with ``loki_basis``, ``magicpig`` with
+    ``magicpig_centres``, "none" or None for uncentred keys) at their default settings."""
     from pathlib import Path
 
     from .methods import METHODS, DynamicMethod
@@ -442,7 +450,12 @@ def _methods_arg(text: str, dynamic: bool = False, loki_basis: str = "smollm2") 
     for name in (x.strip() for x in text.split(",") if x.strip()):
         cls = METHODS.get(name)
         if dynamic and cls is not None and issubclass(cls, DynamicMethod):
-            out[name] = cls(basis=loki_basis) if name == "loki" else cls()
+            if name == "loki":
+                out[name] = cls(basis=loki_basis)
+            elif name == "magicpig":
+                out[name] = cls(centres=None if magicpig_centres in (None, "none") else magicpig_centres)
+            else:
+                out[name] = cls()
             continue
         out[Path(name).stem if name.endswith(".json") else name] = (
             None if name == "dense" else resolve_config(name)
@@ -460,7 +473,9 @@ def _cmd_bench_accuracy(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    methods = _methods_arg(args.methods, dynamic=True, loki_basis=args.loki_basis)
+    methods = _methods_arg(
+        args.methods, dynamic=True, loki_basis=args.loki_basis, magicpig_centres=args.magicpig_centres
+    )
     if args.densities:
         methods = accuracy.expand_densities(methods, args.densities)
     model, tokenizer = accuracy.load_model(args.model)
