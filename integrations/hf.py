@@ -21,7 +21,8 @@ from __future__ import annotations
 import sys
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +161,21 @@ class SparsePatch:
         model = self._model()
         if model is not None and self.active:
             unpatch(model)
+
+    @contextmanager
+    def paused(self) -> Iterator[SparsePatch]:
+        """Inside the block the model runs its own attention, as if unpatched, while this patch keeps
+        its plans, side data and counts for when the block ends: A/B runs (dense next to sparse in
+        one process, e.g. ``bench throughput --model``'s paired timing) without re-patching."""
+        model = self._model()
+        if model is None or not self.active:
+            raise ConfigError("paused() needs an active patch: the model was unpatched or freed")
+        model.set_attn_implementation(self.original_implementation)
+        try:
+            yield self
+        finally:
+            if self.active:
+                model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     # stats ------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -143,9 +143,14 @@ def test_measure_rows_and_the_correctness_gate() -> None:
         assert "prefill_s" not in by[("broken", n)]
         sl = by[("sink_local", n)]
         assert sl["status"] == "ok" and sl["prefill_s"] > 0 and sl["decode_ms_per_token"] > 0
-        assert sl["prefill_speedup"] == pytest.approx(
-            by[("dense", n)]["prefill_s"] / sl["prefill_s"], rel=1e-2
+        # speedups against the unpatched runs interleaved with the row's own (paired_dense)
+        paired = sl["paired_dense"]
+        assert paired["prefill_s"] > 0 and paired["decode_ms_per_token"] > 0
+        assert sl["prefill_speedup"] == pytest.approx(paired["prefill_s"] / sl["prefill_s"], rel=1e-2)
+        assert sl["decode_speedup"] == pytest.approx(
+            paired["decode_ms_per_token"] / sl["decode_ms_per_token"], rel=1e-2
         )
+        assert "paired_dense" not in by[("dense", n)]
     assert by[("sink_local", 200)]["density"] < by[("sink_local", 96)]["density"] < 1.0
     assert by[("sink_local", 96)]["decode_dense_crossover"] == 0.0
     assert by[("short_dense", 96)]["decode_dense_crossover"] == 1.0

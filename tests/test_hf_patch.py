@@ -139,6 +139,30 @@ def test_unpatch_restores_identical_outputs(arch: Arch) -> None:
     assert not torch.equal(patched, before)
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
+def test_paused_runs_the_original_attention_and_keeps_the_patch(arch: Arch) -> None:
+    model = build(arch.name)
+    ids, mask = inputs(arch, 2, LENGTH, list(PADS))
+    with torch.no_grad():
+        before = outputs(model, ids, mask)
+        with sparse_attn.patch(model, sparse_configs(arch)["s2"]) as handle:
+            patched = outputs(model, ids, mask)
+            calls = handle.stats()["sparse_calls"]
+            plans = dict(handle._plans)
+            with handle.paused():
+                assert model.config._attn_implementation == "sdpa"
+                paused = outputs(model, ids, mask)
+            assert handle.stats()["sparse_calls"] == calls  # nothing ran through the patch
+            again = outputs(model, ids, mask)
+            assert handle.stats()["sparse_calls"] == 2 * calls
+            assert all(handle._plans[key] is layout for key, layout in plans.items())  # plans kept
+        with pytest.raises(sparse_attn.ConfigError, match="active patch"):
+            with handle.paused():
+                pass
+    assert torch.equal(paused, before)
+    assert torch.equal(again, patched) and not torch.equal(patched, before)
+
+
 def test_gqa_never_repeats_kv_in_the_sparse_path(monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers.models.llama.modeling_llama as llama
 
