@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="timed runs per --model row, after an untimed warm-up; the median is reported (default 3)",
     )
+    tp.add_argument(
+        "--model-decode-tokens",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="greedy decode steps per --model run (default 8; more steps steady a short context's "
+        "decode time, where one step takes tens of ms)",
+    )
     tp.set_defaults(handler=_cmd_bench_throughput)
 
     kp = bench_sub.add_parser(
@@ -627,9 +635,14 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             progress=log,
             repeats=args.model_repeats,
             cache=args.model_cache,
+            decode_tokens=args.model_decode_tokens,
         )
         result["model"] = {
-            "spec": args.model, "repeats": args.model_repeats, "cache": args.model_cache, "rows": rows
+            "spec": args.model,
+            "repeats": args.model_repeats,
+            "cache": args.model_cache,
+            "decode_tokens": args.model_decode_tokens,
+            "rows": rows,
         }
         print(model_throughput.format_rows(rows))
         png = str(json_path).removesuffix(".json") + "-model-speedup.png"

@@ -240,11 +240,14 @@ def test_bench_throughput_cli_adds_full_model_rows(tiny_checkpoint, tmp_path, ca
         "dense,a_shape",
         "--model-repeats",
         "2",
+        "--model-decode-tokens",
+        "3",
     ]
     code = main(["bench", "throughput", "--quick", *model_args, "--json", str(path)])
     assert code == 0
     result = json.loads(path.read_text())
     rows = result["model"]["rows"]
+    assert result["model"]["decode_tokens"] == 3
     assert {(r["method"], r["length"]) for r in rows} == {
         (m, n) for m in ("dense", "a_shape") for n in (128, 256)
     }
