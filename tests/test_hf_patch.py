@@ -125,41 +125,30 @@ def test_cached_decoding_equals_one_full_forward(arch: Arch, name: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
-def test_unpatch_restores_identical_outputs(arch: Arch) -> None:
+def test_paused_and_unpatch_restore_identical_outputs(arch: Arch) -> None:
+    # paused(): the model's own attention inside the block, the patch (plans, counts) kept for after
     model = build(arch.name)
     ids, mask = inputs(arch, 2, LENGTH, list(PADS))
     with torch.no_grad():
         before = outputs(model, ids, mask)
-        sparse_attn.patch(model, sparse_configs(arch)["s2"])
+        handle = sparse_attn.patch(model, sparse_configs(arch)["s2"])
         patched = outputs(model, ids, mask)
+        calls = handle.stats()["sparse_calls"]
+        plans = dict(handle._plans)
+        with handle.paused():
+            assert model.config._attn_implementation == "sdpa"
+            paused = outputs(model, ids, mask)
+        assert handle.stats()["sparse_calls"] == calls  # nothing ran through the patch
+        again = outputs(model, ids, mask)
+        assert handle.stats()["sparse_calls"] == 2 * calls
+        assert all(handle._plans[key] is layout for key, layout in plans.items())  # plans kept
         sparse_attn.unpatch(model)
         after = outputs(model, ids, mask)
-    assert model.config._attn_implementation == "sdpa"
-    assert torch.equal(after, before)
-    assert not torch.equal(patched, before)
-
-
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
-def test_paused_runs_the_original_attention_and_keeps_the_patch(arch: Arch) -> None:
-    model = build(arch.name)
-    ids, mask = inputs(arch, 2, LENGTH, list(PADS))
-    with torch.no_grad():
-        before = outputs(model, ids, mask)
-        with sparse_attn.patch(model, sparse_configs(arch)["s2"]) as handle:
-            patched = outputs(model, ids, mask)
-            calls = handle.stats()["sparse_calls"]
-            plans = dict(handle._plans)
-            with handle.paused():
-                assert model.config._attn_implementation == "sdpa"
-                paused = outputs(model, ids, mask)
-            assert handle.stats()["sparse_calls"] == calls  # nothing ran through the patch
-            again = outputs(model, ids, mask)
-            assert handle.stats()["sparse_calls"] == 2 * calls
-            assert all(handle._plans[key] is layout for key, layout in plans.items())  # plans kept
         with pytest.raises(sparse_attn.ConfigError, match="active patch"):
             with handle.paused():
                 pass
-    assert torch.equal(paused, before)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(after, before) and torch.equal(paused, before)
     assert torch.equal(again, patched) and not torch.equal(patched, before)
 
 
