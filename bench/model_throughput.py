@@ -174,8 +174,9 @@ def measure(
     the layout for its length; later runs reuse the patch's cached plan, as repeated requests would.
     Each patched run follows a run of the unpatched model (``paired_dense``, the same medians), and a
     method's speedups compare with those: on a shared CPU the model's speed drifts between the rows
-    of one run by more than the patch's overhead (a crossed-over row, dense work only, read 0.87x
-    against the length's first dense row and 1.02x against interleaved ones).
+    of one run by more than the patch's overhead (Loki 384 crossed over at 8,000, dense work only,
+    read 0.87x against the length's first dense row in throughput-cpu-2026-12-01-smollm2-unpaired.json
+    and 1.06x against its paired runs in -paired.json).
 
     ``methods`` maps a name to a method or config (None: the unpatched model, the baseline);
     ``cache`` is the KV cache of every run, dense and patched (``CACHES``)."""

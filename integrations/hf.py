@@ -147,7 +147,7 @@ class SparsePatch:
         self._masks: OrderedDict[tuple[Any, ...], tuple[Any, Any, RowSpans | str]] = OrderedDict()
         self._backends: dict[tuple[torch.device, torch.dtype], str] = {}
         # the config is frozen: each layer's methods are resolved (and checked) once per patch
-        self._layer_methods: dict[tuple[int, int], list[Any]] = {}
+        self._layer_methods: dict[tuple[int, int], list[Any] | None] = {}
         self._original_fn: Callable[..., Any] | None = None
         # crossover decisions depend only on the method (or plan) and the rows' lengths: made once per
         # forward, not once per layer
@@ -325,9 +325,8 @@ class SparsePatch:
         key = (layer_idx, num_heads)
         if key not in self._layer_methods:
             methods = self.config.methods_for_layer(layer_idx, num_heads)
-            self._layer_methods[key] = methods
-        methods = self._layer_methods[key]
-        return None if all(m is None for m in methods) else methods
+            self._layer_methods[key] = None if all(m is None for m in methods) else methods
+        return self._layer_methods[key]
 
     def _crosses_over(self, kept: torch.Tensor, spans: RowSpans) -> bool:
         """Whether a decode step keeping ``kept`` [B, H] of the rows' keys runs dense instead: every

@@ -18,6 +18,10 @@ QUEST_CROSSOVER = 0.15
 # attention does plus a top-k: on that CPU it breaks even near 8k keys and pays from ~16k (kernel
 # benchmark, "5% exact scores + top-k" decode rows); below, the preset runs dense (dense_below).
 TOPK_CROSSOVER_TOKENS = 16384
+# Quest's block bounds and top blocks likewise: its 5% decode rows read 0.65-1.06x dense at 8k and
+# 1.1-2.3x at 16k (throughput-cpu-2026-11-30-dynamic-decode*.json, -2026-12-01-b/-c.json), and the
+# SmolLM2 rows at 8,000 decoded at 0.90x (preset) and 0.85x (384 tokens) in the paired run.
+QUEST_CROSSOVER_TOKENS = 16384
 
 PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
     # Every key through the sparse kernels: the dense-equivalent check of an integration.
@@ -33,8 +37,10 @@ PRESETS: dict[str, Callable[[], SparseAttentionConfig]] = {
     # Exact top-k at 5% of the keys (the accuracy ceiling of content-based selection), dense on rows
     # too short for its selection to pay.
     "topk": lambda: SparseAttentionConfig(default=TopK(), dense_below=TOPK_CROSSOVER_TOKENS),
-    # Quest: 16-key blocks, 1024-token budget, dense prefill.
-    "quest": lambda: SparseAttentionConfig(default=Quest(), dense_above=QUEST_CROSSOVER),
+    # Quest: 16-key blocks, 1024-token budget, dense prefill; dense decode on rows too short to pay.
+    "quest": lambda: SparseAttentionConfig(
+        default=Quest(), dense_above=QUEST_CROSSOVER, dense_below=QUEST_CROSSOVER_TOKENS
+    ),
 }
 
 

@@ -136,10 +136,11 @@ def test_dense_below_not_a_count_is_a_config_error(bad) -> None:
         SparseAttentionConfig(default=TopK(), dense_below=bad)
 
 
-def test_topk_preset_crosses_over_below_its_measured_length() -> None:
-    from sparse_attn.presets import TOPK_CROSSOVER_TOKENS, resolve_config
+def test_topk_and_quest_presets_cross_over_below_their_measured_lengths() -> None:
+    from sparse_attn.presets import QUEST_CROSSOVER_TOKENS, TOPK_CROSSOVER_TOKENS, resolve_config
 
     assert resolve_config("topk").dense_below == TOPK_CROSSOVER_TOKENS > 0
+    assert resolve_config("quest").dense_below == QUEST_CROSSOVER_TOKENS > 0
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, True, "0.5"])

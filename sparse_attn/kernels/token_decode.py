@@ -18,7 +18,8 @@ from .common import accum_dtype, head_units, softmax_av
 # (key positions [B, U, km] (valid everywhere), KV head of each unit [U]) -> (k_sel, v_sel) [B, U, km, D]
 Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # Above this many selected keys per head a decode step's matmul / softmax / matmul beats CPU SDPA,
-# whose one-query flash kernel scales worse (bench/results/README.md, "token decode: SDPA or matmul")
+# whose one-query flash kernel scales worse (the 64k decode rows of throughput-cpu-2026-12-01-b/-c.json
+# against throughput-cpu-2026-12-01.json, bench/results/README.md)
 SDPA_MAX_KEYS = 1024
 
 
