@@ -10,8 +10,8 @@ Stale data must never be used. The store trusts its data only for the exact cont
 covered: same batch size, heads, head dim, dtype and device, and every row's key count grown by the
 step's new tokens. Beyond that it checks the keys themselves, exactly and cheaply: it keeps a copy of
 the keys at a few check positions per row (``PROBES`` random positions of what its last rebuild
-covered, drawn then, and the ``RECENT`` newest keys written by decode steps, where beam search
-reorders rows and generations diverge) and, before reusing data, compares them with the cache (one
+covered, drawn then, and the ``RECENT`` newest keys, where beam search reorders rows and
+generations diverge: at a rebuild the prefix's last ones, then each step's new keys in turn) and, before reusing data, compares them with the cache (one
 gather and one comparison in the common case). When rows that cover the same positions only traded
 places (beam search's reorder), the stored rows follow them (``reorders``); any other mismatch, or
 any other doubt, rebuilds the layer's side data from K (``rebuilds``). A new prefill call always
@@ -95,6 +95,7 @@ class ContiguousSideStore:
         self._since: list[int] | None = None  # per row: keys below this came from a rebuild
         self._check_pos: torch.Tensor | None = None  # [B, W] int64 check positions per row
         self._check_keys: torch.Tensor | None = None  # [B, Hkv, W, D] the keys seen there
+        self._ring = 0  # the next of the RECENT check slots a new key takes
         self._signature: tuple[object, ...] | None = None
         self._rng = torch.Generator().manual_seed(seed)
 
@@ -175,13 +176,19 @@ class ContiguousSideStore:
 
     def _rebuild(self, spec: SideSpec, k: torch.Tensor, kvl: list[int]) -> None:
         lens = torch.tensor(kvl, device=k.device)
-        self._side = _side_for(self.method, spec, k, lens, 0, k.shape[2])
+        full_rows = min(kvl, default=0) >= k.shape[2]  # no padding: the plain, fast reduction
+        self._side = _side_for(self.method, spec, k, lens, 0, k.shape[2], full_rows)
         # PROBES positions per row below its length, one draw for all rows, so rows of one length
         # (beams) are checked at the same positions (position 0 of an empty row: the rows stay one
         # tensor; the slot's content only decides whether that row is rebuilt once more)
         frac = torch.rand(1, PROBES, generator=self._rng)
-        self._check_pos = (frac * torch.tensor(kvl, dtype=torch.float64)[:, None]).to(torch.int64).to(k.device)
+        lens_host = torch.tensor(kvl, dtype=torch.int64)[:, None]
+        probes = (frac * lens_host.to(torch.float64)).to(torch.int64)
+        # the RECENT slots start with the prefix's last keys; decode steps overwrite them in turn
+        recent = (lens_host - RECENT + torch.arange(RECENT)).clamp(min=0)
+        self._check_pos = torch.cat((probes, recent), dim=1).to(k.device)
         self._check_keys = _gather_rows(k, self._check_pos)
+        self._ring = 0
         self._lens = list(kvl)
         self._since = list(kvl)
         self._signature = self._sig(k)
@@ -199,23 +206,21 @@ class ContiguousSideStore:
         first = start // bs
         self._side = _with_capacity(self._side, 2, spec.units(k.shape[2]))
         self._side[:, :, first : first + fresh.shape[2]] = fresh
-        # the new keys join the check positions; beyond RECENT of them the oldest leave
-        new = kvl[0] - self._lens[0]
-        if len(set(self._lens)) == 1:
-            pos = torch.arange(old, old + new, device=k.device).expand(len(kvl), new)
-            keys = k[:, :, old : old + new]
-        else:
-            pos = torch.tensor(self._lens, device=k.device)[:, None] + torch.arange(new, device=k.device)
-            keys = _gather_rows(k, pos)
-        keep = max(PROBES, self._check_pos.shape[1] + new - RECENT)
-        if keep > PROBES:
-            self._check_pos = torch.cat((self._check_pos[:, :PROBES], self._check_pos[:, keep:], pos), dim=1)
-            self._check_keys = torch.cat(
-                (self._check_keys[:, :, :PROBES], self._check_keys[:, :, keep:], keys), dim=2
-            )
-        else:
-            self._check_pos = torch.cat((self._check_pos, pos), dim=1)
-            self._check_keys = torch.cat((self._check_keys, keys), dim=2)
+        # the new keys replace the oldest recent check keys, in place (the check tensors keep their
+        # shape: no copy of them per step)
+        new = min(kvl[0] - self._lens[0], RECENT)
+        first_new = [n - new for n in kvl]
+        slots = [PROBES + (self._ring + j) % RECENT for j in range(new)]
+        self._ring = (self._ring + new) % RECENT
+        if new == 1 and len(set(kvl)) == 1:  # a decode step of rows alike: two slot writes
+            self._check_pos[:, slots[0]] = first_new[0]
+            self._check_keys[:, :, slots[0]] = k[:, :, first_new[0]]
+            self._lens = list(kvl)
+            return
+        pos = torch.tensor(first_new, device=k.device)[:, None] + torch.arange(new, device=k.device)  # [B, new]
+        where = torch.tensor(slots, device=k.device)
+        self._check_pos.index_copy_(1, where, pos)
+        self._check_keys.index_copy_(2, where.to(self._check_keys.device), _gather_rows(k, pos))
         self._lens = list(kvl)
 
 

@@ -113,6 +113,24 @@ def test_quest_decode_selection_is_brute_force(B, Hq, Hkv, Skv, D, kv_lens, budg
     _assert_output_is_reference_over_selection(q, k, v, method, sel, kv_lens)
 
 
+@pytest.mark.parametrize("kv_lens", [(400,), (400, 263)], ids=["B1", "B2-pad"])
+def test_quest_ranks_blocks_whose_mass_underflows_in_the_log_domain(kv_lens) -> None:
+    """Peaked queries: most blocks' float32 attention mass underflows to 0, fewer blocks keep some
+    mass than the budget takes; the selection is still the float64 log-domain one."""
+    from sparse_attn.methods.quest import _group_mass
+
+    block, B = 8, len(kv_lens)
+    q, k, _ = make_qkv(B, 4, 2, 1, 400, 64, kv_lens=kv_lens, seed=6)
+    q = q * 400.0
+    method = sa.Quest(tokens=120, sink_tokens=3, local_tokens=5, block_size=block)
+    side = block_min_max(k, block, torch.tensor(kv_lens)[:, None])
+    mass = _group_mass(block_bounds(q, side, 64**-0.5), masked=False, log_domain=False)
+    assert int((mass[0] > 0).sum(-1).min()) < 120 // block  # the linear masses cannot rank the cut
+    sel = sa.select(method, q, k, kv_lens=list(kv_lens))
+    expected = bfd.quest_decode(q, k, [1] * B, kv_lens, 64**-0.5, None, 120, 3, 5, block)
+    _assert_selection(sel, expected)
+
+
 @pytest.mark.parametrize("kv_lens", [(200,), (200, 131)], ids=["B1", "B2-pad"])
 def test_quest_ties_go_to_the_lower_block(kv_lens) -> None:
     # every block holds the same keys: all bounds tie, and the lowest candidate blocks win

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from sparse_attn.side_data import ContiguousSideStore, compute_side_data
+from sparse_attn.side_data import RECENT, ContiguousSideStore, compute_side_data
 
 
 def _grow(k: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -102,6 +102,30 @@ def test_beam_reorders_move_the_stored_rows() -> None:
     side = store.update(k, lens + 2, new_tokens=1)
     assert store.rebuilds == 2
     assert torch.equal(side, compute_side_data(method, k, lens + 2))
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+@pytest.mark.parametrize("back", [1, RECENT // 2, RECENT])
+def test_the_newest_keys_are_checked_in_every_step(new_tokens, back) -> None:
+    """The RECENT newest keys are compared before data is reused however many steps ran (the check
+    slots are reused in turn), right after a rebuild (the prefix's last keys) as after many steps."""
+    method = sa.Quest(block_size=8)
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 2, 100, 16, generator=gen)
+    lens = torch.tensor([100, 100])
+    for steps in (0, RECENT + 5):
+        store = ContiguousSideStore(method)
+        store.update(k, lens, new_tokens=100)
+        kk, ll = k, lens
+        for _ in range(steps):
+            kk, ll = _grow(kk, new_tokens, gen), ll + new_tokens
+            store.update(kk, ll, new_tokens=new_tokens)
+        assert store.rebuilds == 1
+        kk, ll = _grow(kk, new_tokens, gen), ll + new_tokens
+        kk[1, 0, int(ll[1]) - new_tokens - back] += 1.0  # a key the store covered, ``back`` from its end
+        side = store.update(kk, ll, new_tokens=new_tokens)
+        assert store.rebuilds == 2, (steps, back)
+        assert torch.equal(side, compute_side_data(method, kk, ll))
 
 
 def test_unchanged_continuation_reuses_the_data() -> None:

@@ -155,13 +155,20 @@ def _grouped_decode(
     # every slot used (static patterns' decode, most rows): no slot mask at all
     unused = None if lo == km else torch.arange(km, device=dev) >= counts[..., None]  # [B, Hkv, km]
     one_query = all(n == sq for n in q_lens.tolist()) and (not causal or sq == 1)
-    if unused is None and one_query and selection.log_weights is None and not need_lse and km <= SDPA_MAX_KEYS:
-        # plain attention over the gathered keys: SDPA's fused kernel (GQA without repeating K/V)
-        # costs less than the matmul / softmax / matmul chain on a few hundred keys
-        k_sel, v_sel = gather(idx, _kv_heads(hkv, dev))  # [B, Hkv, km, D]
-        out = F.scaled_dot_product_attention(q, k_sel, v_sel, scale=scale, enable_gqa=hq != hkv)
-        return out, None
-    k_sel, v_sel = gather(idx if unused is None else idx.masked_fill(unused, 0), _kv_heads(hkv, dev))
+    gather_idx = idx if unused is None else idx.masked_fill(unused, 0)
+    if one_query and lo > 0 and selection.log_weights is None and not need_lse and km <= SDPA_MAX_KEYS:
+        # plain attention over the gathered keys: SDPA's fused kernel costs less than the matmul /
+        # softmax / matmul chain on a few hundred keys
+        k_sel, v_sel = gather(gather_idx, _kv_heads(hkv, dev))  # [B, Hkv, km, D]
+        if unused is None:  # GQA without repeating K/V
+            return F.scaled_dot_product_attention(q, k_sel, v_sel, scale=scale, enable_gqa=hq != hkv), None
+        # heads that selected fewer keys than k_max (a block method's): every key is visible to the
+        # one query, so a KV head's query heads are SDPA's queries over its keys, with one mask row
+        mask = torch.zeros(unused.shape, dtype=q.dtype, device=dev).masked_fill_(unused, float("-inf"))
+        qg = q.reshape(b, hkv, (hq // hkv) * sq, d)  # [B, Hkv, G*Sq, D]
+        out = F.scaled_dot_product_attention(qg, k_sel, v_sel, attn_mask=mask[:, :, None, :], scale=scale)
+        return out.view(b, hq, sq, -1), None
+    k_sel, v_sel = gather(gather_idx, _kv_heads(hkv, dev))
     k_sel, v_sel = k_sel.to(acc), v_sel.to(acc)  # [B, Hkv, km, D], [B, Hkv, km, Dv]
     q_sel = q.reshape(b, hkv, (hq // hkv) * sq, d).to(acc) * scale  # [B, Hkv, G*Sq, D]
     scores = torch.matmul(q_sel, k_sel.transpose(-1, -2))  # [B, Hkv, G*Sq, km]

@@ -81,8 +81,12 @@ class Quest(DynamicMethod):
         if all(r.count == 0 for r in rows):
             chosen = torch.zeros(b, hkv, 0, dtype=torch.int64, device=q.device)
         else:
-            score = self._block_scores(q, side[:, :, :nb], kv, q_lens, scale, backend)  # [B, Hkv, nb]
-            chosen = _top_blocks(score, rows)
+            # [B, Hkv, G*Sq, nb]
+            bounds, masked = self._bounds(q, side[:, :, :nb], kv, q_lens, scale, backend)
+            chosen = _top_blocks(_group_mass(bounds, masked, log_domain=False), rows, linear=True)
+            if chosen is None:  # a mass at the cut underflowed: rank in the log domain
+                chosen = _top_blocks(_group_mass(bounds, masked, log_domain=True), rows, linear=False)
+                assert chosen is not None
         return _selected_tokens(chosen, rows, bs).built_for(kvl)
 
     def _row_plan(self, kv_len: int) -> _RowPlan:
@@ -102,7 +106,7 @@ class Quest(DynamicMethod):
         first, stop = s // bs, -(-t // bs)
         return _RowPlan(s, t, kv_len, first, min(n_blocks, stop - first), stop)
 
-    def _block_scores(
+    def _bounds(
         self,
         q: torch.Tensor,
         side: torch.Tensor,
@@ -110,24 +114,40 @@ class Quest(DynamicMethod):
         q_lens: torch.Tensor,
         scale: float,
         backend: str,
-    ) -> torch.Tensor:
-        """The group's log attention mass per block from the bounds: [B, Hkv, nb]."""
+    ) -> tuple[torch.Tensor, bool]:
+        """Each query row's scaled bounds per block [B, Hkv, G*Sq, nb], and whether some are -inf
+        (blocks past a row's keys, padded query rows)."""
         bs = self.block_size
         nb, sq, dev = side.shape[2], q.shape[2], q.device
         bounds = block_bounds(q, side, scale, backend)  # [B, Hkv, G*Sq, nb]
         ragged_blocks = any(n <= (nb - 1) * bs for n in kv)
         ragged_rows = any(n < sq for n in q_lens.tolist())
-        ok = None
         if ragged_blocks or ragged_rows:
             block_ok = torch.arange(nb, device=dev)[None, :] * bs < torch.tensor(kv, device=dev)[:, None]
             rows = torch.arange(sq, device=dev).repeat(bounds.shape[2] // max(sq, 1))
             row_ok = rows[None, :] < q_lens.to(dev)[:, None]
             ok = block_ok[:, None, None, :] & row_ok[:, None, :, None]
             bounds = bounds.masked_fill(~ok, float("-inf"))
-        logp = torch.log_softmax(bounds, dim=-1)  # each query row's softmax over blocks, log domain
-        if ok is not None:  # rows with no block (empty or padded query rows) give NaN: no mass
-            logp = logp.masked_fill(~ok, float("-inf"))
-        return logp[:, :, 0] if logp.shape[2] == 1 else torch.logsumexp(logp, dim=2)
+        return bounds, ragged_blocks or ragged_rows
+
+
+def _group_mass(bounds: torch.Tensor, masked: bool, log_domain: bool) -> torch.Tensor:
+    """The GQA group's attention mass per block from the bounds [B, Hkv, G*Sq, nb] (``masked``: some
+    are -inf): each query row's softmax over blocks, summed over the rows -> [B, Hkv, nb]; a row
+    with no block adds nothing.
+
+    The linear domain costs a few ops (on a CPU the log domain's logsumexp over the group costs more
+    than the bounds' matmul); a far-off block's mass may underflow to 0 there, so ranking falls back
+    to the log domain when a 0 is taken (``_top_blocks``)."""
+    if log_domain:
+        mass = torch.log_softmax(bounds, dim=-1)
+        if masked:
+            mass = mass.nan_to_num(nan=float("-inf"))
+        return mass[:, :, 0] if mass.shape[2] == 1 else torch.logsumexp(mass, dim=2)
+    mass = torch.softmax(bounds, dim=-1)
+    if masked:
+        mass = mass.nan_to_num(nan=0.0)
+    return mass[:, :, 0] if mass.shape[2] == 1 else mass.sum(2)
 
 
 @dataclass(frozen=True)
@@ -143,9 +163,10 @@ class _RowPlan:
     stop: int
 
 
-def _top_blocks(score: torch.Tensor, rows: list[_RowPlan]) -> torch.Tensor:
+def _top_blocks(score: torch.Tensor, rows: list[_RowPlan], linear: bool) -> torch.Tensor | None:
     """The chosen blocks of every (row, KV head): int64 [B, Hkv, C], ascending, padded with a block
-    id past the scores (``score.shape[-1]``). Best scores first; ties go to the lower block."""
+    id past the scores (``score.shape[-1]``). Best scores first; ties go to the lower block. None
+    when ``linear`` (the scores are masses) and a score of 0 (an underflowed mass) is taken."""
     b, hkv, nb = score.shape
     dev = score.device
     spans = {(r.first, r.count, r.stop) for r in rows}
@@ -153,18 +174,20 @@ def _top_blocks(score: torch.Tensor, rows: list[_RowPlan]) -> torch.Tensor:
         first, count, stop = spans.pop()
         if count == stop - first:
             return torch.arange(first, stop, device=dev).expand(b, hkv, count)
-        return _top_ids(score[:, :, first:stop], count, None) + first
+        ids = _top_ids(score[:, :, first:stop], count, None, linear)
+        return None if ids is None else ids + first
     j = torch.arange(nb, device=dev)
     first = torch.tensor([r.first for r in rows], device=dev)[:, None, None]
     stop = torch.tensor([r.stop for r in rows], device=dev)[:, None, None]
     score = score.masked_fill((j < first) | (j >= stop), float("-inf"))
     counts = torch.tensor([r.count for r in rows], device=dev)
-    return _top_ids(score, max(r.count for r in rows), counts)
+    return _top_ids(score, max(r.count for r in rows), counts, linear)
 
 
-def _top_ids(score: torch.Tensor, k: int, counts: torch.Tensor | None) -> torch.Tensor:
+def _top_ids(score: torch.Tensor, k: int, counts: torch.Tensor | None, linear: bool) -> torch.Tensor | None:
     """Ascending ids of the ``k`` best scores per row [B, H, n] (``counts`` [B]: fewer for some rows,
-    the rest padded with n); ties at the cut go to the lower index, as a stable sort would."""
+    the rest padded with n); ties at the cut go to the lower index, as a stable sort would. None when
+    ``linear`` (the scores are masses) and a score of 0 (an underflowed mass) is taken."""
     b, h, n = score.shape
     if k == 0:
         return torch.zeros(b, h, 0, dtype=torch.int64, device=score.device)
@@ -172,9 +195,15 @@ def _top_ids(score: torch.Tensor, k: int, counts: torch.Tensor | None) -> torch.
     top = torch.topk(score, kk, dim=-1, sorted=True)  # one past the cut, to see ties there
     want = None if counts is None else counts[:, None, None].expand(b, h, 1)
     if want is None:
-        tie = k < n and bool((top.values[..., k - 1] == top.values[..., k]).any())
+        # the last score taken and the next one, read once: [B * H, 1 or 2]
+        pairs = top.values[..., k - 1 : k + 1].flatten(0, 1).tolist()
+        if linear and any(pair[0] <= 0 for pair in pairs):
+            return None
+        tie = any(pair[0] == pair[-1] for pair in pairs) if k < n else False
     else:
         last = top.values.gather(-1, (want - 1).clamp(min=0))
+        if linear and bool(((last <= 0) & (want > 0)).any()):
+            return None
         after = top.values.gather(-1, want.clamp(max=kk - 1))
         tie = bool(((last == after) & (want > 0) & (want < kk)).any())
     if tie:
@@ -195,6 +224,10 @@ def _selected_tokens(chosen: torch.Tensor, rows: list[_RowPlan], bs: int) -> Tok
     key of its chosen blocks (int64 [B, Hkv, C], ascending, padded with ids past the row)."""
     b, hkv, c = chosen.shape
     dev = chosen.device
+    if c and len(set(rows)) == 1:
+        alike = _alike_rows_tokens(chosen, rows[0], bs)
+        if alike is not None:
+            return alike
     s: int | torch.Tensor
     t: int | torch.Tensor
     n: int | torch.Tensor
@@ -223,6 +256,34 @@ def _selected_tokens(chosen: torch.Tensor, rows: list[_RowPlan], bs: int) -> Tok
     idx = idx[..., :width].expand(b, hkv, width)
     idx = idx.masked_fill(p[:width] >= counts, 0)
     return TokenSelection(idx, counts[..., 0])
+
+
+def _alike_rows_tokens(chosen: torch.Tensor, row: _RowPlan, bs: int) -> TokenSelection | None:
+    """``_selected_tokens`` when every row has one plan (a decode step at batch 1, or of rows alike)
+    and every (row, KV head) drops as many keys of its chosen blocks: the selection is one
+    concatenation. Only the first candidate block can hold sinks and only the last one keys of the
+    local window, so the chosen keys left are one slice of them. None otherwise."""
+    b, hkv, c = chosen.shape
+    s, t, n = row.sink, row.local, row.kv_len
+    below, above = s - row.first * bs, row.stop * bs - t  # keys of the end blocks already kept
+    ends = chosen[..., :: max(c - 1, 1)].flatten(0, 1).tolist()  # first and last chosen block
+    cuts = {
+        (below if e[0] == row.first else 0, above if e[-1] == row.stop - 1 else 0) for e in ends
+    }
+    if len(cuts) != 1:
+        return None
+    lo, hi = cuts.pop()
+    dev = chosen.device
+    tok = (chosen[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)  # [B, Hkv, C*bs] ascending
+    idx = torch.cat(
+        (
+            torch.arange(s, device=dev).expand(b, hkv, s),
+            tok[..., lo : c * bs - hi],
+            torch.arange(t, n, device=dev).expand(b, hkv, n - t),
+        ),
+        dim=-1,
+    )
+    return TokenSelection(idx, torch.full((b, hkv), idx.shape[-1], dtype=torch.int64, device=dev))
 
 
 def block_min_max(keys: torch.Tensor, block: int, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
