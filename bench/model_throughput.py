@@ -248,6 +248,113 @@ def measure(
     return harness.finite(rows)
 
 
+def measure_decode_pairs(
+    model: Any,
+    methods: dict[str, Any],
+    lengths: Sequence[int],
+    *,
+    decode_tokens: int = 8,
+    pairs: int = 8,
+    seed: int = 0,
+    progress: Progress | None = None,
+    cache: str = "dynamic",
+) -> list[dict[str, Any]]:
+    """Decode only, dense and patched steps interleaved: the patch's decode cost against the
+    unpatched model's where the machine's drift cannot tell them apart.
+
+    Per length the unpatched model prefills the prompt once (untimed). Per method, ``pairs`` times,
+    one copy of that cache decodes ``decode_tokens`` greedy tokens unpatched (``paired_dense``) and
+    another decodes them patched, the order alternating from pair to pair. Each step is timed on its
+    own. A run's first step carries one-time work (a dynamic method rebuilds its side data from the
+    prefilled cache, as on the first step after a prompt), so it is reported apart
+    (``first_step_ms``) and ``decode_ms_per_token`` is the median of the other steps. Every method
+    decodes from the dense prefill: a static method's own sparse prefill would leave a cache of the
+    same shape, so its decode costs the same. Rows as ``measure``'s, without prefill times."""
+    import copy
+
+    import sparse_attn
+
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+        raise ValueError(f"pairs must be a positive int, got {pairs!r}")
+    if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) or decode_tokens < 2:
+        raise ValueError(f"decode_tokens must be an int >= 2 (the first step is reported apart), got {decode_tokens!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    log = progress or (lambda _msg: None)
+    hq = model.config.num_attention_heads
+    hkv = getattr(model.config, "num_key_value_heads", None) or hq
+    checks = {name: None if m is None else self_check(m, hq, hkv) for name, m in methods.items()}
+    rows: list[dict[str, Any]] = []
+    for length in lengths:
+        ids = _prompt(model.config.vocab_size, int(length), seed)
+        _warm_up(model, ids, cache)
+        with torch.no_grad():
+            past = _new_cache(model, cache, ids.shape[1] + decode_tokens)
+            out = model(ids, past_key_values=past, use_cache=True, **_last_logits_only(model))
+        prefilled, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+        def run(prefilled: Any = prefilled, token: torch.Tensor = token) -> list[float]:
+            return _timed_steps(model, copy.deepcopy(prefilled), token, decode_tokens)
+
+        for name, method in methods.items():
+            log(f"decode pairs {name} @ {length}")
+            row: dict[str, Any] = {"method": name, "length": int(length), "self_check": checks[name]}
+            if checks[name] is not None and not checks[name]["ok"]:
+                rows.append({**row, "status": "failed-correctness"})
+                continue
+            dense: list[list[float]] = []
+            patched: list[list[float]] = []
+            density: float | None = None
+            if method is None:
+                dense = [run() for _ in range(pairs)]
+                patched, density = dense, 1.0
+            else:
+                with sparse_attn.patch(model, method) as handle:
+                    run()  # untimed: the patch's first call plans and warms up
+                    crossed = sparse_attn.stats(model)["dense_crossover"]
+                    for i in range(pairs):
+                        for patched_first in ((True, False) if i % 2 else (False, True)):
+                            if patched_first:
+                                before = layer_calls(sparse_attn.stats(model))
+                                patched.append(run())
+                                density = forward_density(before, sparse_attn.stats(model))
+                            else:
+                                with handle.paused():
+                                    dense.append(run())
+                    after = sparse_attn.stats(model)
+                    layer_steps = len(after["layers"]) * decode_tokens * pairs
+                    row["decode_dense_crossover"] = round((after["dense_crossover"] - crossed) / max(layer_steps, 1), 4)
+            row.update(_step_medians(patched), status="ok", mode="decode_pairs", pairs=pairs, cache=cache)
+            row["decode_tokens"] = decode_tokens
+            row["density"] = None if density is None else round(density, 4)
+            if method is not None:
+                row["paired_dense"] = _step_medians(dense)
+            ref = row.get("paired_dense", row)
+            row["decode_speedup"] = round(ref["decode_ms_per_token"] / row["decode_ms_per_token"], 3)
+            rows.append(row)
+    return harness.finite(rows)
+
+
+def _timed_steps(model: Any, cache: Any, token: torch.Tensor, steps: int) -> list[float]:
+    """ms of each of ``steps`` greedy decode steps from ``cache``."""
+    times = []
+    with torch.no_grad():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append((time.perf_counter() - t0) * 1000.0)
+            cache = out.past_key_values
+    return times
+
+
+def _step_medians(runs: list[list[float]]) -> dict[str, float]:
+    return {
+        "decode_ms_per_token": round(statistics.median(t for r in runs for t in r[1:]), 4),
+        "first_step_ms": round(statistics.median(r[0] for r in runs), 4),
+    }
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of measure()'s rows."""
     head = f"{'method':<12} {'length':>7} {'prefill s':>10} {'x dense':>8} {'decode ms/tok':>14} {'x dense':>8} {'density':>8} {'dec dense':>9}"
@@ -258,6 +365,12 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             continue
         density = "-" if r.get("density") is None else f"{r['density']:.2f}"
         crossed = "-" if r.get("decode_dense_crossover") is None else f"{r['decode_dense_crossover']:.2f}"
+        if "prefill_s" not in r:  # decode pairs: no prefill timed
+            lines.append(
+                f"{r['method']:<12} {r['length']:>7} {'-':>10} {'-':>8} "
+                f"{r['decode_ms_per_token']:>14.1f} {r.get('decode_speedup', 0):>8.2f} {density:>8} {crossed:>9}"
+            )
+            continue
         lines.append(
             f"{r['method']:<12} {r['length']:>7} {r['prefill_s']:>10.3f} {r.get('prefill_speedup', 0):>8.2f} "
             f"{r['decode_ms_per_token']:>14.1f} {r.get('decode_speedup', 0):>8.2f} {density:>8} {crossed:>9}"

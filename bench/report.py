@@ -65,10 +65,21 @@ def markdown_summary(result: dict[str, Any]) -> str:
 
 def _model_table(model: dict[str, Any]) -> list[str]:
     repeats = model.get("repeats")
+    if model.get("mode") == "decode_pairs":
+        head = (
+            f"Full model `{model['spec']}` (`--model`, `--model-decode-pairs {model['pairs']}`): decode only, "
+            f"median ms of the decode steps after each run's first, {model['pairs']} pairs of unpatched and "
+            f"patched runs of {model['decode_tokens']} tokens from one dense prefill, interleaved; x dense "
+            "against the paired unpatched steps; density is the last decode step's."
+        )
+    else:
+        head = (
+            f"Full model `{model['spec']}` (`--model`): prefill seconds and decode ms/token"
+            + (f", median of {repeats} runs after a warm-up" if repeats else "")
+            + "; density is the prefill's measured attention density."
+        )
     lines = [
-        f"Full model `{model['spec']}` (`--model`): prefill seconds and decode ms/token"
-        + (f", median of {repeats} runs after a warm-up" if repeats else "")
-        + "; density is the prefill's measured attention density.",
+        head,
         "",
         "| length | method | density | prefill s | x dense | decode ms/tok | x dense |",
         "|---:|---|---:|---:|---:|---:|---:|",

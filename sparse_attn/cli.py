@@ -191,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="greedy decode steps per --model run (default 8; more steps steady a short context's "
         "decode time, where one step takes tens of ms)",
     )
+    tp.add_argument(
+        "--model-decode-pairs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="decode only: per length one dense prefill, then per method N pairs of unpatched and "
+        "patched decode runs from copies of its cache, steps timed one by one and interleaved (the "
+        "machine's drift hits both alike); no prefill rows",
+    )
     tp.set_defaults(handler=_cmd_bench_throughput)
 
     kp = bench_sub.add_parser(
@@ -628,18 +637,21 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         accuracy = _import_bench("accuracy")
         model_throughput = _import_bench("model_throughput")
         model, _ = accuracy.load_model(args.model)
-        rows = model_throughput.measure(
-            model,
-            _methods_arg(args.model_methods),
-            args.model_lengths,
-            progress=log,
-            repeats=args.model_repeats,
-            cache=args.model_cache,
-            decode_tokens=args.model_decode_tokens,
-        )
+        methods = _methods_arg(args.model_methods)
+        common = {"progress": log, "cache": args.model_cache, "decode_tokens": args.model_decode_tokens}
+        if args.model_decode_pairs:
+            rows = model_throughput.measure_decode_pairs(
+                model, methods, args.model_lengths, pairs=args.model_decode_pairs, **common
+            )
+            mode = {"mode": "decode_pairs", "pairs": args.model_decode_pairs}
+        else:
+            rows = model_throughput.measure(
+                model, methods, args.model_lengths, repeats=args.model_repeats, **common
+            )
+            mode = {"repeats": args.model_repeats}
         result["model"] = {
             "spec": args.model,
-            "repeats": args.model_repeats,
+            **mode,
             "cache": args.model_cache,
             "decode_tokens": args.model_decode_tokens,
             "rows": rows,

@@ -177,6 +177,38 @@ def test_measure_takes_medians_after_a_warm_up_that_does_not_count() -> None:
         model_throughput.measure(model, {"w": window}, [200], cache="paged")
 
 
+def test_decode_pairs_time_steps_from_one_prefill() -> None:
+    model = build("llama", head_dim=16)  # GQA 4:2, 512 positions
+    window = SinkLocal(sink_tokens=4, window_tokens=60, block_size=16)
+    methods = {
+        "dense": None,
+        "w": window,
+        "quest": sa.Quest(tokens=48),
+        "broken": _Misplanned(sink_tokens=4, window_tokens=256, block_size=16),
+        "short_dense": SparseAttentionConfig(default=window, dense_below=10_000),
+    }
+    rows = model_throughput.measure_decode_pairs(model, methods, [200], decode_tokens=3, pairs=2)
+    by = {r["method"]: r for r in rows}
+    assert by["broken"]["status"] == "failed-correctness"
+    assert by["dense"]["decode_speedup"] == 1.0 and "paired_dense" not in by["dense"]
+    for name in ("w", "quest", "short_dense"):
+        r = by[name]
+        assert r["status"] == "ok" and r["mode"] == "decode_pairs" and (r["pairs"], r["decode_tokens"]) == (2, 3)
+        assert "prefill_s" not in r and r["first_step_ms"] > 0 and r["decode_ms_per_token"] > 0
+        paired = r["paired_dense"]
+        assert r["decode_speedup"] == pytest.approx(paired["decode_ms_per_token"] / r["decode_ms_per_token"], rel=1e-2)
+    # the patched runs ran through the patch (a sparse decode density), the crossed-over ones dense
+    heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert by["w"]["density"] == pytest.approx(window.plan([1], [203], *heads).density(), abs=1e-4)
+    assert by["quest"]["density"] < 0.5 and by["quest"]["decode_dense_crossover"] == 0.0
+    assert by["short_dense"]["decode_dense_crossover"] == 1.0
+    assert "quest" in model_throughput.format_rows(rows)
+    with pytest.raises(ValueError, match="pairs"):
+        model_throughput.measure_decode_pairs(model, {"w": window}, [200], pairs=0)
+    with pytest.raises(ValueError, match="decode_tokens"):
+        model_throughput.measure_decode_pairs(model, {"w": window}, [200], decode_tokens=1)
+
+
 def test_speedup_plot_is_written(tmp_path) -> None:
     rows = [
         {"method": "dense", "length": 1024, "status": "ok", "prefill_speedup": 1.0, "decode_speedup": 1.0},
@@ -274,6 +306,13 @@ def test_bench_throughput_model_only_has_no_kernel_rows(tiny_checkpoint, tmp_pat
     assert result["model"]["cache"] == "static"
     assert all(r["status"] == "ok" and r["cache"] == "static" for r in result["model"]["rows"])
     assert "Full model" in report.markdown_summary(result)
+    pairs = ["--model-decode-pairs", "2", "--model-decode-tokens", "2", "--json", str(path)]
+    assert main(["bench", "throughput", "--model-only", *args, *pairs]) == 0
+    result = json.loads(path.read_text())
+    assert (result["model"]["mode"], result["model"]["pairs"]) == ("decode_pairs", 2)
+    rows = {r["method"]: r for r in result["model"]["rows"]}
+    assert "prefill_s" not in rows["a_shape"] and rows["a_shape"]["paired_dense"]["decode_ms_per_token"] > 0
+    assert "decode only" in report.markdown_summary(result)
     assert main(["bench", "throughput", "--model-only", "--json", str(path)]) == 2
     assert "--model-only needs --model" in capsys.readouterr().err
 
