@@ -12,9 +12,11 @@ shards), so a new run stays comparable with the committed ones of its device.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -22,7 +24,7 @@ from typing import Any
 class Case:
     method: str  # method name in the rows
     label: str  # short description for the tables
-    target_density: float
+    target_density: float | None  # None: the method's selection size follows the data (MagicPIG)
     build: Callable[[int, int], Any]  # (kv length, block size) -> method config
 
 
@@ -60,6 +62,7 @@ GPU_PREFILL = PrefillRecipe(
     (0.03, 0.10, 0.25, 0.50), sink_tokens=64, s2_stride=gpu_s2_stride, band_round_up=False
 )
 MOA_DENSITY = 0.10
+LOKI_RANK = 24
 
 
 def prefill_cases(
@@ -151,7 +154,26 @@ def decode_cases(fraction: float) -> list[Case]:
     ]
 
 
-def dynamic_cases(density: float) -> list[Case]:
+@functools.lru_cache(maxsize=4)
+def loki_basis(kv_heads: int, head_dim: int) -> str:
+    """A Loki artifact for the benchmark's random keys, written once per run to a temporary folder:
+    the identity basis (random keys have no principal subspace, so every basis of one rank costs the
+    same; the rows time Loki's work, not its accuracy). One layer of the benchmark's heads."""
+    import tempfile
+
+    import torch
+
+    from sparse_attn.artifact import ModelShape, save_artifact
+
+    eye = torch.eye(head_dim).expand(1, kv_heads, head_dim, head_dim)
+    explained = (torch.arange(1, head_dim + 1) / head_dim).expand(1, kv_heads, head_dim)
+    path = Path(tempfile.mkdtemp(prefix="sparse-attn-bench-")) / "loki_identity"
+    shape = ModelShape("bench", 1, kv_heads, kv_heads, head_dim)
+    command = "bench.cases.loki_basis (identity, for timing on random keys)"
+    return str(save_artifact(path, "loki", {"basis": eye, "explained": explained}, shape, command))
+
+
+def dynamic_cases(density: float, kv_heads: int, head_dim: int) -> list[Case]:
     """The content-based methods at ``density``, their selection inside every timed decode step."""
     import sparse_attn as sa
 
@@ -164,5 +186,19 @@ def dynamic_cases(density: float) -> list[Case]:
             f"{density:.0%} block bounds, 16-key blocks",
             density,
             lambda n, block: sa.Quest(density=density, block_size=16),
+        ),
+        # Loki at the rank SmolLM2's heads need for 90% of their key energy (median 24-26 of 64)
+        Case(
+            "loki",
+            f"{density:.0%} low-rank scores (rank {LOKI_RANK} of 64) + top-k",
+            density,
+            lambda n, block: sa.Loki(density=density, rank=LOKI_RANK, basis=loki_basis(kv_heads, head_dim)).for_layer(0),
+        ),
+        # MagicPIG at the paper's defaults: its sample's size follows the data (density measured)
+        Case(
+            "magicpig",
+            "K=10 L=150 LSH sample + 4 sinks + 64 local",
+            None,
+            lambda n, block: sa.MagicPIG(),
         ),
     ]

@@ -40,28 +40,37 @@ TOLERANCES = {
 }
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dtype: Any) -> Any:
+def naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dtype: Any, bias: Any = None
+) -> Any:
     """Dense masked attention with scores and PV in ``dtype`` (softmax in fp32, or fp64 for fp64);
-    mask broadcastable to [B, Hq, Sq, Skv]; a row with no attended key gives 0."""
+    mask (and ``bias``, added to the scores) broadcastable to [B, Hq, Sq, Skv]; a row with no
+    attended key gives 0. In float64 it is the reference of a biased selection (MagicPIG's weights)."""
     group = q.shape[1] // k.shape[1]
     kk = k.repeat_interleave(group, dim=1).to(dtype)
     vv = v.repeat_interleave(group, dim=1).to(dtype)
     s = torch.matmul(q.to(dtype) * (1.0 / math.sqrt(q.shape[-1])), kk.transpose(-1, -2))
-    s = s.to(torch.float64 if dtype == torch.float64 else torch.float32).masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    s = s.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if bias is not None:
+        s = s + bias.to(s.device, s.dtype)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return torch.matmul(p.to(dtype), vv)
 
 
 def compare(
-    outputs: Mapping[str, torch.Tensor], q: Any, k: Any, v: Any, mask: torch.Tensor
+    outputs: Mapping[str, torch.Tensor], q: Any, k: Any, v: Any, mask: torch.Tensor, bias: Any = None
 ) -> dict[str, Any]:
-    """Each output against the float64 reference with ``mask`` [B or 1, Hq, Sq, Skv]: ok, the worst
-    error (NaN when an output has NaN), the tolerance and the low-precision yardstick."""
+    """Each output against the float64 reference with ``mask`` [B or 1, Hq, Sq, Skv] (and ``bias``
+    added to the logits): ok, the worst error (NaN when an output has NaN), the tolerance and the
+    low-precision yardstick."""
     from sparse_attn.reference import reference_attention
 
     mask = mask.to(q.device)
-    ref, _ = reference_attention(q.double(), k.double(), v.double(), mask)
-    base_err = _max_err(naive_attention(q, k, v, mask, q.dtype), ref, nan=0.0)
+    if bias is None:
+        ref, _ = reference_attention(q.double(), k.double(), v.double(), mask)
+    else:
+        ref = naive_attention(q.double(), k.double(), v.double(), mask, torch.float64, bias)
+    base_err = _max_err(naive_attention(q, k, v, mask, q.dtype, bias), ref, nan=0.0)
     tol_rule = TOLERANCES[q.dtype]
     tol = max(tol_rule.factor * base_err, tol_rule.floor)
     errs = {name: _max_err(out, ref) for name, out in outputs.items()}
@@ -149,15 +158,22 @@ def check_dynamic(method: Any, device: harness.Device, n: int) -> dict[str, Any]
     q, k, v = device.qkv(1, 1, n, CHECK_SEED)
     sel = sa.select(method, q, k)
     mask = sel.to_dense_mask(n).to(q.device)  # [B, Hs, n]
-    mask = mask.repeat_interleave(device.q_heads // mask.shape[1], dim=1).unsqueeze(2)
-    selection = compare({"sparse_attention": sa.sparse_attention(q, k, v, method)}, q, k, v, mask)
-    full = dataclasses.replace(method, density=1.0, tokens=None)
-    dense_mask = torch.ones(1, device.q_heads, 1, n, dtype=torch.bool)
-    full_budget = compare({"sparse_attention": sa.sparse_attention(q, k, v, full)}, q, k, v, dense_mask)
-    checks: dict[str, Any] = {
-        "selection": {**selection, "density": round(float(sel.density([n])), 5)},
-        "full_budget_is_dense": full_budget,
-    }
+    heads = device.q_heads // mask.shape[1]
+    mask = mask.repeat_interleave(heads, dim=1).unsqueeze(2)
+    bias = None
+    if sel.log_weights is not None:  # MagicPIG's sample: each key's log-weight on its logit
+        idx = sel.indices.masked_fill(~sel.used(), 0).to(torch.int64)
+        weights = sel.log_weights.masked_fill(~sel.used(), 0).to(torch.float64)
+        bias = torch.zeros(*sel.indices.shape[:2], n, dtype=torch.float64).scatter_(-1, idx.cpu(), weights.cpu())
+        bias = bias.repeat_interleave(heads, dim=1).unsqueeze(2)
+    selection = compare({"sparse_attention": sa.sparse_attention(q, k, v, method)}, q, k, v, mask, bias)
+    checks: dict[str, Any] = {"selection": {**selection, "density": round(float(sel.density([n])), 5)}}
+    full_budget = {"ok": True}
+    if method.has_budget:  # a method whose sample size follows the data (MagicPIG) has no budget to fill
+        full = dataclasses.replace(method, density=1.0, tokens=None)
+        dense_mask = torch.ones(1, device.q_heads, 1, n, dtype=torch.bool)
+        full_budget = compare({"sparse_attention": sa.sparse_attention(q, k, v, full)}, q, k, v, dense_mask)
+        checks["full_budget_is_dense"] = full_budget
     side_ok = True
     if method.side_spec(device.head_dim) is not None:
         store = ContiguousSideStore(method)

@@ -3,7 +3,7 @@
 Every goal: ``description``, ``threshold``, ``metric`` (the row field it is judged on), ``rows``
 (the rows judged, a few fields each), ``value`` (the worst row, or the median where the goal says
 so; None unless every judged row has one) and ``met`` (True / False, None when the run did not
-measure it). The CPU goals are issue 2's and the Quest decode goal; the GPU goals are the Triton
+measure it). The CPU goals are issue 2's, the Quest, Loki and MagicPIG decode goals and issue 13's; the GPU goals are the Triton
 kernels' prefill targets and decode bandwidth.
 """
 
@@ -17,6 +17,9 @@ Row = dict[str, Any]
 GOAL_PREFILL = {"length": 16384, "target_density": 0.10, "min_speedup": 5.0}
 GOAL_DECODE = {"length": 65536, "target_density": 1.0 / 16, "min_speedup": 8.0}
 GOAL_QUEST = {"length": 65536, "target_density": 0.05, "min_speedup": 4.0}
+# issue 14: Loki at 5% and MagicPIG at its defaults, selection included
+GOAL_LOKI = {"length": 65536, "target_density": 0.05, "min_speedup": 2.5}
+GOAL_MAGICPIG = {"length": 65536, "min_speedup": 3.0}
 GOAL_MEMORY = {"length": 32768, "max_ratio": 2.0}
 # issue 13: the CPU fast path
 GOAL_PREFILL_FAST = {"length": 16384, "target_density": 0.10, "min_speedup": 6.0}
@@ -124,6 +127,31 @@ def cpu_goals(rows: Sequence[Row]) -> dict[str, Any]:
             GOAL_QUEST["min_speedup"],
             "speedup_vs_dense",
             quest,
+            SPEEDUP_FIELDS,
+        ),
+        "loki_decode_64k_5pct_speedup": goal(
+            "Loki decode over a 64k cache at 5% density (rank 24 of 64), selection included (side-data "
+            "update, low-rank scores, top-k, token-sparse attention), is >= 2.5x faster than dense SDPA",
+            GOAL_LOKI["min_speedup"],
+            "speedup_vs_dense",
+            [
+                r
+                for r in pick(rows, "decode", GOAL_LOKI["length"], GOAL_LOKI["target_density"], (tsa,))
+                if r["method"] == "loki"
+            ],
+            SPEEDUP_FIELDS,
+        ),
+        "magicpig_decode_64k_speedup": goal(
+            "MagicPIG decode over a 64k cache at its defaults (K=10, L=150), selection included (side-data "
+            "update, collisions, sample weights, weighted token-sparse attention), is >= 3x faster than "
+            "dense SDPA",
+            GOAL_MAGICPIG["min_speedup"],
+            "speedup_vs_dense",
+            [
+                r
+                for r in rows
+                if r["mode"] == "decode" and r["length"] == GOAL_MAGICPIG["length"] and r["method"] == "magicpig"
+            ],
             SPEEDUP_FIELDS,
         ),
         "prefill_32k_extra_memory": mem_goal,

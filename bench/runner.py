@@ -392,7 +392,7 @@ def dynamic_rows(run: Run, inputs: Inputs, method_names: Sequence[str] | None) -
     """TopK and Quest decode steps at ``DYNAMIC_DENSITY``, the selection inside every timed call."""
     rows: list[Row] = []
     cl = run.check_length("decode", inputs.n)
-    for case in case_lists.dynamic_cases(DYNAMIC_DENSITY):
+    for case in case_lists.dynamic_cases(DYNAMIC_DENSITY, run.device.kv_heads, run.device.head_dim):
         if method_names is not None and case.method not in method_names:
             continue
         t0 = time.perf_counter()
@@ -412,7 +412,7 @@ def dynamic_rows(run: Run, inputs: Inputs, method_names: Sequence[str] | None) -
                 lambda method=method: checks.check_dynamic(method, run.device, cl),
             )
             if run.passed(row):
-                (time_topk if case.method == "topk" else time_quest)(run, row, method, inputs)
+                (time_topk if case.method == "topk" else time_side_data)(run, row, method, inputs)
         except Exception as exc:  # one failing case must not end the run
             run.fail(row, exc)
         rows.append(run.done(row, t0))
@@ -436,9 +436,10 @@ def time_topk(run: Run, row: Row, method: Any, inputs: Inputs) -> None:
     )
 
 
-def time_quest(run: Run, row: Row, method: Any, inputs: Inputs) -> None:
-    """Consecutive decode steps: the side-data store's update for the step's new key, then
-    ``sparse_attention(..., side=...)`` (block bounds, top blocks, token-sparse attention).
+def time_side_data(run: Run, row: Row, method: Any, inputs: Inputs) -> None:
+    """Consecutive decode steps of a method with side data (Quest, Loki, MagicPIG): the side-data
+    store's update for the step's new key, then ``sparse_attention(..., side=...)`` (the selection
+    from the side data, token-sparse attention).
 
     k and v are the cache at its capacity N, right-padded: a step's row holds ``length`` keys
     (kv_lens), as in a static or paged cache. The store is built outside the timing for the keys
@@ -465,7 +466,7 @@ def time_quest(run: Run, row: Row, method: Any, inputs: Inputs) -> None:
 
     run.measure(row, step)
     row["kv_lens_timed"] = [start + 2 + timer.warmup, state["len"]]  # after the probe and the warmup
-    row["breakdown_ms"] = quest_breakdown(run, method, store, state, inputs)
+    row["breakdown_ms"] = side_data_breakdown(run, method, store, state, inputs)
     row["side_rebuilds_while_timed"] = store.rebuilds - 1
     lens = torch.full((inputs.batch,), state["len"])
     row["density"] = round(float(sa.select(method, q, k, side=state["side"], kv_lens=lens).density(lens)), 5)
@@ -483,17 +484,24 @@ def breakdown(run: Run, parts: dict[str, Fn]) -> dict[str, float]:
     return {key: round(timer.time(fn).p50, 3) for key, fn in parts.items()}
 
 
-def quest_breakdown(
+SELECT_PARTS = {
+    "quest": "select (bounds + top blocks)",
+    "loki": "select (low-rank scores + top-k)",
+    "magicpig": "select (query codes, collisions, sample weights)",
+}
+
+
+def side_data_breakdown(
     run: Run, method: Any, store: Any, state: dict[str, Any], inputs: Inputs
 ) -> dict[str, float]:
-    """Where Quest's consecutive decode steps spend their time: the next steps, each part timed on
-    its own (the store update must run before the selection of the same step)."""
+    """Where consecutive decode steps spend their time: the next steps, each part timed on its own
+    (the store update must run before the selection of the same step)."""
     import sparse_attn as sa
 
     d, (q, k, v) = run.device, (inputs.q, inputs.k, inputs.v)
     parts: dict[str, list[float]] = {
         "side-data store update": [],
-        "select (bounds + top blocks)": [],
+        SELECT_PARTS.get(method.name, "select"): [],
         "token_sparse_attention": [],
     }
     for _ in range(min(BREAKDOWN_STEPS, inputs.n - state["len"])):

@@ -34,6 +34,8 @@ GOALS = {
     "prefill_16k_10pct_speedup",
     "decode_64k_1of16_speedup",
     "quest_decode_64k_5pct_speedup",
+    "loki_decode_64k_5pct_speedup",
+    "magicpig_decode_64k_speedup",
     "prefill_32k_extra_memory",
     "prefill_16k_10pct_6x",
     "prefill_10pct_vs_flex",
@@ -135,6 +137,18 @@ def test_decode_only_times_the_dynamic_methods_with_their_selection(tmp_path):
     assert all(x > 0 for r in dyn.values() for x in r["breakdown_ms"].values())
     goal = doc["goals"]["quest_decode_64k_5pct_speedup"]
     assert goal["met"] is None and goal["threshold"] == 4.0
+    # Loki and MagicPIG: consecutive steps through their side-data stores, checked first (MagicPIG
+    # against the float64 reference with its sample's log-weights on the logits)
+    side = {r["method"]: r for r in doc["rows"] if r["method"] in ("loki", "magicpig")}
+    assert set(side) == {"loki", "magicpig"}
+    for r in side.values():
+        assert r["status"] == "ok" and r["selection_included"] and r["side_rebuilds_while_timed"] == 0
+        assert r["check"]["checks"]["selection"]["ok"] and r["check"]["checks"]["side_store_steps_equal_full_build"]["ok"]
+        assert all(x > 0 for x in r["breakdown_ms"].values()) and len(r["breakdown_ms"]) == 3
+    assert 0 < side["loki"]["density"] <= 0.06 and "full_budget_is_dense" in side["loki"]["check"]["checks"]
+    assert 0 < side["magicpig"]["density"] < 1 and "full_budget_is_dense" not in side["magicpig"]["check"]["checks"]
+    for name, threshold in (("loki_decode_64k_5pct_speedup", 2.5), ("magicpig_decode_64k_speedup", 3.0)):
+        assert doc["goals"][name]["met"] is None and doc["goals"][name]["threshold"] == threshold
 
 
 def test_quest_goal_is_judged_on_the_64k_quest_row():
@@ -149,6 +163,13 @@ def test_quest_goal_is_judged_on_the_64k_quest_row():
     assert g["met"] is True and g["value"] == 4.2 and [r["method"] for r in g["rows"]] == ["quest"]
     g = goals.cpu_goals([row("quest", 3.9)])["quest_decode_64k_5pct_speedup"]
     assert g["met"] is False
+    # Loki's and MagicPIG's goals, each on its own method's 64k rows (MagicPIG at any density)
+    rows = [row("loki", 2.6), row("loki", 1.0, 32768), {**row("magicpig", 2.9), "target_density": None}]
+    judged = goals.cpu_goals(rows)
+    g = judged["loki_decode_64k_5pct_speedup"]
+    assert g["met"] is True and g["value"] == 2.6 and [r["method"] for r in g["rows"]] == ["loki"]
+    g = judged["magicpig_decode_64k_speedup"]
+    assert g["met"] is False and g["value"] == 2.9 and [r["method"] for r in g["rows"]] == ["magicpig"]
 
 
 def test_method_failing_its_self_check_gets_no_speed(tmp_path, monkeypatch):
