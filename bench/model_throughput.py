@@ -184,12 +184,8 @@ def measure(
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    if cache not in CACHES:
-        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    checks = _checked_methods(model, methods, cache)
     log = progress or (lambda _msg: None)
-    hq = model.config.num_attention_heads
-    hkv = getattr(model.config, "num_key_value_heads", None) or hq
-    checks = {name: None if m is None else self_check(m, hq, hkv) for name, m in methods.items()}
     rows: list[dict[str, Any]] = []
     for length in lengths:
         ids = _prompt(model.config.vocab_size, int(length), seed)
@@ -278,12 +274,8 @@ def measure_decode_pairs(
         raise ValueError(f"pairs must be a positive int, got {pairs!r}")
     if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) or decode_tokens < 2:
         raise ValueError(f"decode_tokens must be an int >= 2 (the first step is reported apart), got {decode_tokens!r}")
-    if cache not in CACHES:
-        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    checks = _checked_methods(model, methods, cache)
     log = progress or (lambda _msg: None)
-    hq = model.config.num_attention_heads
-    hkv = getattr(model.config, "num_key_value_heads", None) or hq
-    checks = {name: None if m is None else self_check(m, hq, hkv) for name, m in methods.items()}
     rows: list[dict[str, Any]] = []
     for length in lengths:
         ids = _prompt(model.config.vocab_size, int(length), seed)
@@ -333,6 +325,15 @@ def measure_decode_pairs(
             row["decode_speedup"] = round(ref["decode_ms_per_token"] / row["decode_ms_per_token"], 3)
             rows.append(row)
     return harness.finite(rows)
+
+
+def _checked_methods(model: Any, methods: dict[str, Any], cache: str) -> dict[str, Any]:
+    """Each method's self-check at the model's head counts (None for the unpatched model)."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    hq = model.config.num_attention_heads
+    hkv = getattr(model.config, "num_key_value_heads", None) or hq
+    return {name: None if m is None else self_check(m, hq, hkv) for name, m in methods.items()}
 
 
 def _timed_steps(model: Any, cache: Any, token: torch.Tensor, steps: int) -> list[float]:
